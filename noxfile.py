@@ -1,0 +1,34 @@
+"""Sessions: tests, lint, typecheck, bench. ``nox -s tests`` is what CI runs."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite, against the emulator and a real etcd it starts itself."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "sfrtr", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[etcd]", "mypy>=1.10")
+    session.run("mypy", "sfrtr")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark suite: prints tables, writes JSON under benchmarks/results/."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

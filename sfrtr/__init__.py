@@ -1,0 +1,1 @@
+"""sfrtr: share Salesforce OAuth grants safely across asyncio workers."""
