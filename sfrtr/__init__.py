@@ -1,1 +1,75 @@
-"""sfrtr: share Salesforce OAuth grants safely across asyncio workers."""
+"""sfrtr: share Salesforce OAuth grants safely across asyncio workers.
+
+Salesforce rotates refresh tokens and treats a reused one as theft. sfrtr
+makes sure each refresh token is presented at most once across every
+coroutine, process and host, and that a rotated token is never silently lost.
+
+The public API is what this module exports; everything else is private.
+"""
+
+from sfrtr.errors import (
+    ConfigurationError,
+    CoordinationTimeout,
+    InvalidTokenResponse,
+    LeaseLost,
+    NotConnected,
+    OAuthError,
+    ReauthorizationRequired,
+    RefreshIndeterminate,
+    SfrtrError,
+    StoreError,
+    TokenEndpointUnavailable,
+)
+from sfrtr.manager import Credentials, ManagerStats, TokenManager
+from sfrtr.oauth import (
+    InstanceUrlPolicy,
+    Introspection,
+    OAuthClient,
+    OAuthConfig,
+    OutcomeKind,
+    RefreshOutcome,
+    TokenGrant,
+)
+from sfrtr.policy import RecoveryMode, RefreshPolicy
+from sfrtr.records import Intent, Status, TokenRecord, Versioned
+from sfrtr.secret import Secret, fingerprint
+from sfrtr.singleflight import Singleflight
+from sfrtr.store import MemoryStore, TokenStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "CoordinationTimeout",
+    "Credentials",
+    "InstanceUrlPolicy",
+    "Intent",
+    "Introspection",
+    "InvalidTokenResponse",
+    "LeaseLost",
+    "ManagerStats",
+    "MemoryStore",
+    "NotConnected",
+    "OAuthClient",
+    "OAuthConfig",
+    "OAuthError",
+    "OutcomeKind",
+    "ReauthorizationRequired",
+    "RecoveryMode",
+    "RefreshIndeterminate",
+    "RefreshOutcome",
+    "RefreshPolicy",
+    "Secret",
+    "SfrtrError",
+    "Singleflight",
+    "Status",
+    "StoreError",
+    "TokenEndpointUnavailable",
+    "TokenGrant",
+    "TokenManager",
+    "TokenRecord",
+    "TokenStore",
+    "Versioned",
+    "__version__",
+    "fingerprint",
+]

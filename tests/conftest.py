@@ -7,7 +7,18 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from sfrtr.emulator import Emulator
+from sfrtr import (
+    InstanceUrlPolicy,
+    MemoryStore,
+    OAuthClient,
+    OAuthConfig,
+    RefreshPolicy,
+    Secret,
+    TokenGrant,
+    TokenManager,
+)
+from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
+from sfrtr.oauth.grant import parse_grant
 
 
 @pytest.fixture
@@ -27,3 +38,32 @@ async def emulator() -> AsyncIterator[Emulator]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+def emulator_oauth(em: Emulator, **overrides: object) -> OAuthClient:
+    """An OAuth client for the emulator's default app."""
+    options: dict[str, object] = {
+        "client_id": DEFAULT_CLIENT_ID,
+        "client_secret": Secret(DEFAULT_CLIENT_SECRET),
+        "login_url": em.base_url,
+        "instance_policy": InstanceUrlPolicy.for_emulator(),
+        "timeout": 5.0,
+        "connect_timeout": 1.0,
+    }
+    options.update(overrides)
+    return OAuthClient(OAuthConfig(**options))  # type: ignore[arg-type]
+
+
+def emulator_grant(em: Emulator, customer: str, client_id: str = DEFAULT_CLIENT_ID,
+                   secret: str = DEFAULT_CLIENT_SECRET) -> TokenGrant:
+    """A fresh grant for ``customer`` as the code exchange would have returned it."""
+    return parse_grant(em.grant(customer, client_id), policy=InstanceUrlPolicy.for_emulator(),
+                       client_secret=Secret(secret))
+
+
+@pytest.fixture
+async def manager(emulator: Emulator) -> AsyncIterator[TokenManager]:
+    mgr = TokenManager(emulator_oauth(emulator), MemoryStore(),
+                       RefreshPolicy(recovery_grace=0.2, busy_backoff=0.05))
+    yield mgr
+    await mgr.aclose()

@@ -1,0 +1,82 @@
+"""Every exception sfrtr raises, under one root: :class:`SfrtrError`.
+
+Messages name customers and token *fingerprints*, never token values.
+"""
+
+from __future__ import annotations
+
+
+class SfrtrError(Exception):
+    """Root of sfrtr's exceptions."""
+
+
+class ConfigurationError(SfrtrError):
+    """sfrtr was set up in a way that cannot work (bad URL, missing secret...)."""
+
+
+class NotConnected(SfrtrError):
+    """No grant is stored for this customer: run the OAuth flow first."""
+
+    def __init__(self, customer: str) -> None:
+        super().__init__(f"customer {customer!r} has no stored grant; authorize the app first")
+        self.customer = customer
+
+
+class ReauthorizationRequired(SfrtrError):
+    """The customer's grant is dead; only a new authorization brings it back.
+
+    Raised for a rejected refresh token (``invalid_grant``), and for every
+    later call until the customer authorizes again, without calling Salesforce.
+    """
+
+    def __init__(self, customer: str, reason: str = "") -> None:
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"customer {customer!r} must re-authorize the app{detail}")
+        self.customer = customer
+        self.reason = reason
+
+
+class RefreshIndeterminate(ReauthorizationRequired):
+    """A refresh may have rotated the token without sfrtr seeing the answer.
+
+    The rotated token may be lost (the connection dropped after Salesforce
+    answered, or a worker died holding it). Under the ``fail_closed`` policy
+    the grant is marked for re-authorization rather than risk presenting a
+    dead refresh token, which Salesforce treats as theft.
+    """
+
+
+class TokenEndpointUnavailable(SfrtrError):
+    """The token endpoint could not be asked; the refresh token is untouched.
+
+    Safe to retry later: nothing was redeemed.
+    """
+
+
+class InvalidTokenResponse(SfrtrError):
+    """The token endpoint's answer failed validation; nothing was stored."""
+
+
+class OAuthError(SfrtrError):
+    """The token endpoint refused a request (other than a refresh rejection)."""
+
+    def __init__(self, error: str, description: str = "", status: int = 400) -> None:
+        super().__init__(f"{error}: {description}" if description else error)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+class CoordinationTimeout(SfrtrError):
+    """Waited too long for another worker's refresh to finish."""
+
+
+class LeaseLost(SfrtrError):
+    """This process's coordination lease expired or was revoked.
+
+    Every critical section stops before touching the token endpoint.
+    """
+
+
+class StoreError(SfrtrError):
+    """The token store failed (unreachable, corrupt record)."""

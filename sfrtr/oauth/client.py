@@ -1,0 +1,251 @@
+"""The OAuth client: refresh, code exchange, revoke, introspect.
+
+Every refresh is classified into a :class:`~sfrtr.oauth.outcome.RefreshOutcome`;
+only code exchange, revoke and introspect raise. Requests can leave through
+an outbound proxy, so refreshes come from an allow-listed static IP
+(Salesforce's Refresh Token IP Allowlist).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import orjson
+
+from sfrtr.errors import (
+    ConfigurationError,
+    InvalidTokenResponse,
+    OAuthError,
+    TokenEndpointUnavailable,
+)
+from sfrtr.oauth.grant import TokenGrant, parse_grant
+from sfrtr.oauth.instance_url import InstanceUrlPolicy
+from sfrtr.oauth.outcome import OutcomeKind, RefreshOutcome
+from sfrtr.secret import Secret
+
+log = logging.getLogger("sfrtr.oauth")
+
+BUSY_MARKER = "already being processed"
+MAX_ANSWER_BYTES = 64 * 1024
+
+#: Failures that happen before the request is written: the token is untouched.
+_BEFORE_SEND: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectorError,  # refused, DNS, TLS handshake, proxy connect
+    aiohttp.ConnectionTimeoutError,
+    aiohttp.InvalidURL,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Introspection:
+    active: bool
+    expires_at: float | None = None
+    issued_at: float | None = None
+    token_type: str = ""
+
+
+@dataclass(frozen=True)
+class OAuthConfig:
+    """How to reach the token endpoint, and as whom."""
+
+    client_id: str
+    client_secret: Secret | None = None
+    """Confidential apps sign answers with it; ``None`` for public PKCE clients."""
+    login_url: str = "https://login.salesforce.com"
+    instance_policy: InstanceUrlPolicy = field(default_factory=InstanceUrlPolicy)
+    timeout: float = 20.0
+    """Seconds for a whole token request. Also bounds a refresh's critical section."""
+    connect_timeout: float = 5.0
+    proxy: str | None = None
+    """Outbound HTTP(S) proxy URL for token and API requests."""
+    proxy_auth: tuple[str, Secret] | None = None
+    """Proxy username and password."""
+
+    def __post_init__(self) -> None:
+        if not self.client_id:
+            raise ConfigurationError("client_id is required")
+        if self.client_secret is not None and not isinstance(self.client_secret, Secret):
+            raise ConfigurationError("client_secret must be wrapped in sfrtr.Secret")
+        if not self.login_url.startswith(("https://", "http://")):
+            raise ConfigurationError("login_url must be an http(s) URL")
+        if self.connect_timeout >= self.timeout:
+            raise ConfigurationError("connect_timeout must be shorter than timeout")
+
+    @property
+    def token_url(self) -> str:
+        return self.login_url.rstrip("/") + "/services/oauth2/token"
+
+    def request_options(self) -> dict[str, Any]:
+        """Proxy keyword arguments for an aiohttp request."""
+        options: dict[str, Any] = {}
+        if self.proxy:
+            options["proxy"] = self.proxy
+            if self.proxy_auth:
+                user, password = self.proxy_auth
+                options["proxy_headers"] = {"Proxy-Authorization": aiohttp.helpers.BasicAuth(
+                    user, password.reveal()).encode()}
+        return options
+
+
+class OAuthClient:
+    """Talks to one connected app's token endpoint."""
+
+    def __init__(self, config: OAuthConfig, session: aiohttp.ClientSession | None = None) -> None:
+        self.config = config
+        self._session = session
+        self._owns_session = session is None
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout,
+                                              connect=config.connect_timeout)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+            self._owns_session = True
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+
+    def _form(self, **fields: str) -> dict[str, str]:
+        form = {"client_id": self.config.client_id, **fields}
+        if self.config.client_secret is not None:
+            form["client_secret"] = self.config.client_secret.reveal()
+        return form
+
+    async def _post(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
+        async with self.session.post(url, data=form, timeout=self._timeout,
+                                     headers={"Accept": "application/json"},
+                                     **self.config.request_options()) as resp:
+            body = await resp.content.read(MAX_ANSWER_BYTES + 1)
+            if len(body) > MAX_ANSWER_BYTES:
+                raise InvalidTokenResponse("token endpoint answer is too large")
+            return resp.status, body
+
+    # -- refresh -------------------------------------------------------------
+
+    async def refresh(self, refresh_token: Secret) -> RefreshOutcome:
+        """Present ``refresh_token`` once and classify what happened. Never raises
+        for the provider's or the network's failures."""
+        form = self._form(grant_type="refresh_token", refresh_token=refresh_token.reveal())
+        try:
+            status, raw = await self._post(self.config.token_url, form)
+        except _BEFORE_SEND as exc:
+            return RefreshOutcome(OutcomeKind.NOT_SENT, error=type(exc).__name__,
+                                  description="could not connect to the token endpoint")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return RefreshOutcome(OutcomeKind.INDETERMINATE, error=type(exc).__name__,
+                                  description="request sent, no answer received")
+        except InvalidTokenResponse as exc:
+            return RefreshOutcome(OutcomeKind.INVALID, error="InvalidTokenResponse",
+                                  description=str(exc))
+        return self._classify(status, raw)
+
+    def _classify(self, status: int, raw: bytes) -> RefreshOutcome:
+        if status >= 500:
+            return RefreshOutcome(OutcomeKind.INDETERMINATE, error=f"http_{status}",
+                                  description="token endpoint answered with a server error")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        if 200 <= status < 300:
+            try:
+                grant = parse_grant(body, policy=self.config.instance_policy,
+                                    client_secret=self.config.client_secret)
+            except InvalidTokenResponse as exc:
+                return RefreshOutcome(OutcomeKind.INVALID, error="InvalidTokenResponse",
+                                      description=str(exc))
+            return RefreshOutcome(OutcomeKind.OK, grant=grant)
+        error, description = _error_fields(body)
+        if error == "invalid_grant":
+            if BUSY_MARKER in description.lower():
+                return RefreshOutcome(OutcomeKind.BUSY, error=error, description=description)
+            return RefreshOutcome(OutcomeKind.REJECTED, error=error, description=description)
+        if 400 <= status < 500 and error:
+            # invalid_client, unsupported_grant_type...: refused before redemption.
+            return RefreshOutcome(OutcomeKind.NOT_SENT, error=error, description=description)
+        return RefreshOutcome(OutcomeKind.INDETERMINATE, error=f"http_{status}",
+                              description="unrecognised token endpoint answer")
+
+    # -- the other calls -----------------------------------------------------
+
+    def authorize_url(self, *, redirect_uri: str, state: str, code_challenge: str,
+                      scope: str = "api refresh_token", login_hint: str | None = None) -> str:
+        params = {"response_type": "code", "client_id": self.config.client_id,
+                  "redirect_uri": redirect_uri, "state": state, "scope": scope,
+                  "code_challenge": code_challenge, "code_challenge_method": "S256"}
+        if login_hint:
+            params["login_hint"] = login_hint
+        return f"{self.config.login_url.rstrip('/')}/services/oauth2/authorize?{urlencode(params)}"
+
+    async def exchange_code(self, code: str, *, redirect_uri: str,
+                            code_verifier: str) -> TokenGrant:
+        """Turn an authorization code into the first grant (PKCE S256)."""
+        form = self._form(grant_type="authorization_code", code=code,
+                          redirect_uri=redirect_uri, code_verifier=code_verifier)
+        status, body = await self._call(self.config.token_url, form)
+        if not 200 <= status < 300:
+            raise _oauth_error(status, body)
+        grant = parse_grant(body, policy=self.config.instance_policy,
+                            client_secret=self.config.client_secret)
+        if grant.refresh_token is None:
+            raise InvalidTokenResponse(
+                "code exchange returned no refresh_token; add the refresh_token scope")
+        return grant
+
+    async def revoke(self, token: Secret) -> None:
+        url = self.config.login_url.rstrip("/") + "/services/oauth2/revoke"
+        status, body = await self._call(url, {"token": token.reveal()})
+        if status != 200:
+            raise _oauth_error(status, body)
+
+    async def introspect(self, token: Secret, *, hint: str = "refresh_token") -> Introspection:
+        url = self.config.login_url.rstrip("/") + "/services/oauth2/introspect"
+        status, body = await self._call(url, self._form(token=token.reveal(),
+                                                        token_type_hint=hint))
+        if status != 200:
+            raise _oauth_error(status, body)
+        if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
+            raise InvalidTokenResponse("introspection answer has no boolean 'active'")
+        exp, iat = body.get("exp"), body.get("iat")
+        return Introspection(
+            active=body["active"],
+            expires_at=float(exp) if isinstance(exp, int | float) else None,
+            issued_at=float(iat) if isinstance(iat, int | float) else None,
+            token_type=body.get("token_type", "") if isinstance(body.get("token_type"), str)
+            else "")
+
+    async def _call(self, url: str, form: dict[str, str]) -> tuple[int, Any]:
+        try:
+            status, raw = await self._post(url, form)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TokenEndpointUnavailable(f"token endpoint request failed ({type(exc).__name__})"
+                                     ) from None
+        if not raw:
+            return status, None
+        try:
+            return status, orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            if 200 <= status < 300:
+                raise InvalidTokenResponse("token endpoint answer is not JSON") from None
+            return status, None
+
+
+def _error_fields(body: Any) -> tuple[str, str]:
+    if isinstance(body, dict):
+        error, description = body.get("error"), body.get("error_description", "")
+        if isinstance(error, str) and isinstance(description, str):
+            return error, description
+    return "", ""
+
+
+def _oauth_error(status: int, body: Any) -> OAuthError:
+    error, description = _error_fields(body)
+    return OAuthError(error or f"http_{status}", description, status)
+

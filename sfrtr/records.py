@@ -1,0 +1,133 @@
+"""The token record: what sfrtr stores per customer, immutable.
+
+A record carries both tokens, where to send the access token, and the
+bookkeeping of the refresh protocol (status, generation, intent). Its repr
+shows fingerprints only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from sfrtr.errors import StoreError
+from sfrtr.secret import Secret
+
+
+class Status(enum.StrEnum):
+    VALID = "valid"
+    """Usable; refresh when the access token is near its estimated expiry."""
+    REFRESHING = "refreshing"
+    """A worker announced (with an intent) that it is redeeming the refresh token."""
+    INDETERMINATE = "indeterminate"
+    """A redemption's outcome is unknown; the recovery policy must decide."""
+    REAUTH_REQUIRED = "reauth_required"
+    """The grant is dead; the customer must authorize again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """Written, durably, before a refresh token is presented to the provider.
+
+    It outlives the worker that wrote it: whoever finds it with no live lock
+    knows a redemption of ``refresh_fingerprint`` may have happened.
+    """
+
+    worker: str
+    refresh_fingerprint: str
+    started_at: float
+    """Wall-clock seconds; informational only (decisions use local monotonic time)."""
+    lease: int = 0
+    """The store's lease id of the writer (0 where the store has none)."""
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class TokenRecord:
+    access_token: Secret
+    refresh_token: Secret
+    instance_url: str
+    issued_at: float
+    """When the access token was issued, epoch seconds."""
+    expires_at: float
+    """Estimated expiry of the access token, epoch seconds (Salesforce sends none)."""
+    generation: int = 0
+    """How many refreshes produced this record; grows by one per rotation."""
+    status: Status = Status.VALID
+    identity_url: str = ""
+    scope: str = ""
+    intent: Intent | None = None
+    reason: str = ""
+    """Why the record is not valid (human-readable, never a token)."""
+
+    def replace(self, **changes: Any) -> TokenRecord:
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenRecord(status={self.status.value}, generation={self.generation}, "
+            f"access={self.access_token.fingerprint}, refresh={self.refresh_token.fingerprint}, "
+            f"instance_url={self.instance_url!r}, expires_at={self.expires_at:.0f})"
+        )
+
+    __str__ = __repr__
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form for stores (token values included: stores hold secrets)."""
+        out: dict[str, Any] = {
+            "access_token": self.access_token.reveal(),
+            "refresh_token": self.refresh_token.reveal(),
+            "instance_url": self.instance_url,
+            "issued_at": self.issued_at,
+            "expires_at": self.expires_at,
+            "generation": self.generation,
+            "status": self.status.value,
+            "identity_url": self.identity_url,
+            "scope": self.scope,
+            "reason": self.reason,
+        }
+        if self.intent is not None:
+            out["intent"] = dataclasses.asdict(self.intent)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TokenRecord:
+        """Rebuild a record a store wrote; :class:`StoreError` if it is malformed."""
+        try:
+            intent = data.get("intent")
+            return cls(
+                access_token=Secret(data["access_token"]),
+                refresh_token=Secret(data["refresh_token"]),
+                instance_url=_str(data["instance_url"]),
+                issued_at=float(data["issued_at"]),
+                expires_at=float(data["expires_at"]),
+                generation=int(data["generation"]),
+                status=Status(data["status"]),
+                identity_url=_str(data.get("identity_url", "")),
+                scope=_str(data.get("scope", "")),
+                reason=_str(data.get("reason", "")),
+                intent=None if intent is None else Intent(
+                    worker=_str(intent["worker"]),
+                    refresh_fingerprint=_str(intent["refresh_fingerprint"]),
+                    started_at=float(intent["started_at"]),
+                    lease=int(intent.get("lease", 0))),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(f"malformed token record in store ({type(exc).__name__})") from None
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    """A record as a store read it: its version (the fence) and lock state."""
+
+    record: TokenRecord
+    version: int
+    locked: bool = False
+    """A live worker holds the customer's refresh lock right now."""

@@ -1,0 +1,6 @@
+"""Token stores: where records live and how workers take turns refreshing."""
+
+from sfrtr.store.base import TokenStore
+from sfrtr.store.memory import MemoryStore
+
+__all__ = ["MemoryStore", "TokenStore"]

@@ -1,0 +1,80 @@
+"""The store interface: the few atomic operations the refresh protocol needs.
+
+A store keeps, per customer, one versioned :class:`~sfrtr.records.TokenRecord`,
+a lock held by at most one live worker, and rescue entries. Every write that
+matters is a compare on the record's version, so a stale writer can never
+overwrite a newer truth; the version at which a worker took the lock is its
+*fence*.
+
+The protocol (``docs/protocol.md``) is written once, in the token manager,
+against this interface; each store only maps these calls onto its own atomic
+primitives.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from sfrtr.records import Intent, TokenRecord, Versioned
+
+
+@runtime_checkable
+class TokenStore(Protocol):
+    async def read(self, customer: str) -> Versioned | None:
+        """The current record, its version and whether the lock is held."""
+
+    async def put(self, customer: str, record: TokenRecord) -> Versioned:
+        """Write ``record`` unconditionally (a first grant, or a re-authorization).
+
+        Any lock is released and any in-flight refresh is fenced out: its
+        commit will fail its compare and go to rescue.
+        """
+
+    async def acquire(self, customer: str, expected_version: int,
+                      intent: Intent) -> Versioned | None:
+        """Take the lock and record the intent, in one atomic step.
+
+        Succeeds only if the record is still at ``expected_version`` and no
+        live worker holds the lock. The record is rewritten with status
+        ``refreshing`` and ``intent``; the returned version is the fence.
+        Returns ``None`` if the compare failed.
+        """
+
+    async def commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
+        """Write ``record`` and release the lock, if the version is still ``fence``.
+
+        Does not require the lock to still be held (the old refresh token is
+        already burnt; dropping the new one would force a re-authorization).
+        Returns ``None`` if the compare failed.
+        """
+
+    async def save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
+        """Keep tokens whose commit lost its compare, for the next holder to adopt."""
+
+    async def rescues(self, customer: str) -> list[tuple[int, TokenRecord]]:
+        """Rescue entries of ``customer`` as ``(fence, record)``, oldest fence first."""
+
+    async def drop_rescue(self, customer: str, fence: int) -> None:
+        """Forget one rescue entry (after adopting or superseding it)."""
+
+    async def wait_for_change(self, customer: str, after_version: int,
+                              timeout: float) -> Versioned | None:
+        """Wait until the record moves past ``after_version``, its lock is released,
+        or a rescue entry appears; return the current state. ``None`` on timeout."""
+
+    async def delete(self, customer: str) -> None:
+        """Remove the customer's record, lock and rescues."""
+
+    async def customers(self) -> list[str]:
+        """Every customer with a stored record."""
+
+    def lease_remaining(self) -> float | None:
+        """Seconds this process can still count on its lock lease, or ``None``
+        when the store has no leases (one process owns everything)."""
+
+    @property
+    def lease_ttl(self) -> float:
+        """The lease's time to live, seconds (0 when the store has no leases)."""
+
+    async def aclose(self) -> None:
+        """Release the store's resources (connections, lease, watch)."""

@@ -1,0 +1,108 @@
+"""The in-process store: the embedded default for a single worker process.
+
+All operations run on the event loop without awaiting in between, so each one
+is atomic. The lock has no lease: it lives as long as the process, which is
+also how long this store's data lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sfrtr.records import Intent, Status, TokenRecord, Versioned
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._records: dict[str, tuple[TokenRecord, int]] = {}
+        self._locked: set[str] = set()
+        self._rescues: dict[str, dict[int, TokenRecord]] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._revision = 0
+
+    def _bump(self, customer: str) -> int:
+        self._revision += 1
+        event = self._changed.pop(customer, None)
+        if event is not None:
+            event.set()
+        return self._revision
+
+    def _view(self, customer: str) -> Versioned | None:
+        found = self._records.get(customer)
+        if found is None:
+            return None
+        return Versioned(found[0], found[1], customer in self._locked)
+
+    async def read(self, customer: str) -> Versioned | None:
+        return self._view(customer)
+
+    async def put(self, customer: str, record: TokenRecord) -> Versioned:
+        self._locked.discard(customer)
+        version = self._bump(customer)
+        self._records[customer] = (record, version)
+        return Versioned(record, version, False)
+
+    async def acquire(self, customer: str, expected_version: int,
+                      intent: Intent) -> Versioned | None:
+        found = self._records.get(customer)
+        if found is None or found[1] != expected_version or customer in self._locked:
+            return None
+        record = found[0].replace(status=Status.REFRESHING, intent=intent)
+        self._locked.add(customer)
+        version = self._bump(customer)
+        self._records[customer] = (record, version)
+        return Versioned(record, version, True)
+
+    async def commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
+        found = self._records.get(customer)
+        if found is None or found[1] != fence:
+            return None
+        self._locked.discard(customer)
+        version = self._bump(customer)
+        self._records[customer] = (record, version)
+        return Versioned(record, version, False)
+
+    async def save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
+        self._rescues.setdefault(customer, {})[fence] = record
+        self._bump(customer)
+
+    async def rescues(self, customer: str) -> list[tuple[int, TokenRecord]]:
+        return sorted(self._rescues.get(customer, {}).items())
+
+    async def drop_rescue(self, customer: str, fence: int) -> None:
+        entries = self._rescues.get(customer)
+        if entries is not None:
+            entries.pop(fence, None)
+            if not entries:
+                del self._rescues[customer]
+
+    async def wait_for_change(self, customer: str, after_version: int,
+                              timeout: float) -> Versioned | None:
+        current = self._view(customer)
+        if current is None or current.version != after_version:
+            return current
+        event = self._changed.setdefault(customer, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return None
+        return self._view(customer)
+
+    async def delete(self, customer: str) -> None:
+        self._records.pop(customer, None)
+        self._locked.discard(customer)
+        self._rescues.pop(customer, None)
+        self._bump(customer)
+
+    async def customers(self) -> list[str]:
+        return list(self._records)
+
+    def lease_remaining(self) -> float | None:
+        return None
+
+    @property
+    def lease_ttl(self) -> float:
+        return 0.0
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,275 @@
+"""Every refresh outcome, driven by the emulator, ends in the documented state."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from sfrtr import (
+    ConfigurationError,
+    MemoryStore,
+    NotConnected,
+    ReauthorizationRequired,
+    RefreshIndeterminate,
+    RefreshPolicy,
+    Secret,
+    Status,
+    TokenEndpointUnavailable,
+    TokenManager,
+)
+from sfrtr.emulator import Emulator
+from sfrtr.protocol import dead_record
+from tests.conftest import emulator_grant, emulator_oauth
+from tests.emulator_calls import refresh as raw_refresh
+
+pytestmark = pytest.mark.anyio
+
+
+async def stored(manager: TokenManager, customer: str = "acme"):
+    current = await manager.store.read(customer)
+    assert current is not None
+    return current
+
+
+async def test_unknown_customer_is_not_connected(manager):
+    with pytest.raises(NotConnected):
+        await manager.token("nobody")
+
+
+async def test_401_with_a_replaced_token_causes_no_refresh(emulator: Emulator, manager):
+    await manager.connect("acme", emulator_grant(emulator, "acme"))
+    t0 = await manager.token("acme")
+    t1 = (await manager.refresh("acme", stale=t0)).access_token
+    assert t1 != t0 and emulator.ledger["redemptions"] == 1
+    # Late reporters of the same 401 get the replacement, without a refresh.
+    assert (await manager.refresh("acme", stale=t0)).access_token == t1
+    assert emulator.ledger["redemptions"] == 1
+    # Another worker whose cache still holds t0 adopts t1 from the store.
+    other = TokenManager(emulator_oauth(emulator), manager.store)
+    assert (await other.refresh("acme", stale=t0)).access_token == t1
+    assert emulator.ledger["redemptions"] == 1
+    await other.oauth.aclose()
+    # A 401 with the current token refreshes exactly once.
+    t2 = (await manager.refresh("acme", stale=t1)).access_token
+    assert t2 not in (t0, t1) and emulator.ledger["redemptions"] == 2
+    assert (await stored(manager)).record.generation == 2
+
+
+async def test_invalid_grant_after_another_writer_rotated_is_adopted(emulator: Emulator,
+                                                                       manager):
+    await manager.connect("acme", emulator_grant(emulator, "acme"))
+    t0 = await manager.token("acme")
+    emulator.faults.set("token", latency=0.3)
+    task = asyncio.create_task(manager.refresh("acme", stale=t0))
+    await asyncio.sleep(0.1)
+    # Meanwhile the customer re-authorized elsewhere and the old grant died.
+    (old_family,) = emulator.world.families.values()
+    emulator.world.revoke_family(old_family)
+    new_grant = emulator_grant(emulator, "acme")
+    await manager.store.put("acme", (await stored(manager)).record.replace(
+        access_token=new_grant.access_token, refresh_token=new_grant.refresh_token,
+        status=Status.VALID, intent=None))
+    creds = await task
+    assert creds.access_token == new_grant.access_token.reveal()
+    assert (await stored(manager)).record.status is Status.VALID
+    assert manager.stats.adopted == 1
+
+
+async def test_invalid_grant_on_a_revoked_grant_requires_reauthorization(emulator: Emulator,
+                                                                           manager, http):
+    grant = emulator_grant(emulator, "acme")
+    await manager.connect("acme", grant)
+    async with http.post(f"{emulator.base_url}/services/oauth2/revoke",
+                         data={"token": grant.refresh_token.reveal()}) as r:
+        assert r.status == 200
+    with pytest.raises(ReauthorizationRequired) as info:
+        await manager.refresh("acme", stale=grant.access_token.reveal())
+    assert info.value.customer == "acme"
+    assert "expired access/refresh token" in str(info.value)
+    assert (await stored(manager)).record.status is Status.REAUTH_REQUIRED
+    calls = dict(emulator.ledger.totals)
+    # Every later caller, in this worker or another, fails fast without HTTP.
+    with pytest.raises(ReauthorizationRequired):
+        await manager.token("acme")
+    other = TokenManager(emulator_oauth(emulator), manager.store)
+    with pytest.raises(ReauthorizationRequired):
+        await other.token("acme")
+    assert dict(emulator.ledger.totals) == calls
+    await other.oauth.aclose()
+    # Re-authorizing brings the customer back.
+    await manager.connect("acme", emulator_grant(emulator, "acme"))
+    assert await manager.token("acme")
+
+
+async def test_not_sent_leaves_the_record_untouched(emulator: Emulator):
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    store = MemoryStore()
+    broken = TokenManager(emulator_oauth(emulator, login_url=dead), store)
+    record = await broken.connect("acme", emulator_grant(emulator, "acme"))
+    with pytest.raises(TokenEndpointUnavailable):
+        await broken.refresh("acme", stale=record.access_token.reveal())
+    after = (await store.read("acme")).record
+    assert after.status is Status.VALID and after.refresh_token == record.refresh_token
+    assert after.intent is None
+    # Nothing was burnt: a working client redeems the same token fine.
+    working = TokenManager(emulator_oauth(emulator), store)
+    await working.refresh("acme", stale=record.access_token.reveal())
+    assert emulator.ledger["redemptions"] == 1 and emulator.ledger["reuse"] == 0
+    await broken.aclose()
+    await working.aclose()
+
+
+async def test_client_refused_is_a_configuration_error(emulator: Emulator):
+    bad = TokenManager(emulator_oauth(emulator, client_secret=Secret("wrong")), MemoryStore())
+    record = await bad.connect("acme", emulator_grant(emulator, "acme"))
+    with pytest.raises(ConfigurationError, match="invalid_client"):
+        await bad.refresh("acme", stale=record.access_token.reveal())
+    assert (await bad.store.read("acme")).record.status is Status.VALID
+    await bad.aclose()
+
+
+async def test_rotate_then_drop_fails_closed_without_a_second_redemption(emulator: Emulator,
+                                                                        manager):
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
+    emulator.faults.set("token", drop_after_rotation=1)
+    with pytest.raises(RefreshIndeterminate) as info:
+        await manager.refresh("acme", stale=record.access_token.reveal())
+    assert "may be lost" in str(info.value)
+    assert (await stored(manager)).record.status is Status.REAUTH_REQUIRED
+    with pytest.raises(ReauthorizationRequired):
+        await manager.token("acme")
+    assert emulator.ledger["redemptions"] == 1
+    assert emulator.ledger["reuse"] == 0 and emulator.ledger["revocations"] == 0
+
+
+async def test_server_error_is_indeterminate_under_fail_closed(emulator: Emulator, manager):
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
+    emulator.faults.set("token", error_rate=1.0, error_status=503)
+    with pytest.raises(RefreshIndeterminate):
+        await manager.refresh("acme", stale=record.access_token.reveal())
+    assert (await stored(manager)).record.status is Status.REAUTH_REQUIRED
+    assert emulator.ledger["reuse"] == 0
+
+
+async def _introspecting(emulator: Emulator) -> TokenManager:
+    return TokenManager(emulator_oauth(emulator), MemoryStore(),
+                        RefreshPolicy(recovery="introspect"))
+
+
+async def test_introspect_policy_retries_a_token_that_was_not_rotated(emulator: Emulator):
+    mgr = await _introspecting(emulator)
+    record = await mgr.connect("acme", emulator_grant(emulator, "acme"))
+    emulator.faults.set("token", reset_before=1)  # sent, but never processed
+    creds = await mgr.refresh("acme", stale=record.access_token.reveal())
+    assert creds.access_token != record.access_token.reveal()
+    assert emulator.ledger["redemptions"] == 1 and emulator.ledger["reuse"] == 0
+    assert (await mgr.store.read("acme")).record.status is Status.VALID
+    await mgr.aclose()
+
+
+async def test_introspect_policy_fails_closed_when_the_token_was_rotated(emulator: Emulator):
+    mgr = await _introspecting(emulator)
+    record = await mgr.connect("acme", emulator_grant(emulator, "acme"))
+    emulator.faults.set("token", drop_after_rotation=1)
+    with pytest.raises(RefreshIndeterminate):
+        await mgr.refresh("acme", stale=record.access_token.reveal())
+    assert emulator.ledger["redemptions"] == 1 and emulator.ledger["reuse"] == 0
+    await mgr.aclose()
+
+
+async def test_reuse_window_policy_redeems_again(emulator: Emulator):
+    emulator.add_app("leeway", "leeway-secret", reuse_window=30.0)
+    mgr = TokenManager(emulator_oauth(emulator, client_id="leeway",
+                                      client_secret=Secret("leeway-secret")),
+                       MemoryStore(), RefreshPolicy(recovery="reuse_window"))
+    record = await mgr.connect("acme", emulator_grant(emulator, "acme", "leeway",
+                                                      "leeway-secret"))
+    emulator.faults.set("token", drop_after_rotation=1)
+    creds = await mgr.refresh("acme", stale=record.access_token.reveal())
+    assert creds.access_token in emulator.world.access_index
+    assert emulator.ledger["reuse_in_window"] == 1 and emulator.ledger["reuse"] == 0
+    assert (await mgr.store.read("acme")).record.status is Status.VALID
+    await mgr.aclose()
+
+
+async def test_busy_is_never_counted_as_reuse(emulator: Emulator, manager, http):
+    grant = emulator_grant(emulator, "acme")
+    await manager.connect("acme", grant)
+    emulator.faults.set("token", latency=0.3)
+    # A client outside sfrtr redeems the same refresh token at the same time.
+    outsider = asyncio.create_task(raw_refresh(http, emulator, grant.refresh_token.reveal()))
+    await asyncio.sleep(0.05)
+    with pytest.raises(RefreshIndeterminate, match="concurrently"):
+        await manager.refresh("acme", stale=grant.access_token.reveal())
+    assert (await outsider)[0] == 200
+    assert emulator.ledger["concurrent_rejections"] == 1
+    assert emulator.ledger["reuse"] == 0 and emulator.ledger["revocations"] == 0
+    assert emulator.ledger["redemptions"] == 1  # the outsider's
+
+
+async def test_orphaned_intent_is_taken_over_after_grace(emulator: Emulator, manager):
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
+    # A worker announced a redemption and died: intent, no lock.
+    orphan = record.replace(status=Status.REFRESHING, intent=manager._intent(record))
+    await manager.store.put("acme", orphan)
+    manager._cache.clear()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RefreshIndeterminate, match="interrupted"):
+        await manager.token("acme")
+    assert loop.time() - started >= 0.2  # the grace period
+    assert emulator.ledger["redemptions"] == 0  # never a blind second redemption
+    assert (await stored(manager)).record.status is Status.REAUTH_REQUIRED
+
+
+async def test_orphan_writer_committing_during_grace_is_adopted(emulator: Emulator, manager):
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
+    orphan = record.replace(status=Status.REFRESHING, intent=manager._intent(record))
+    fence = (await manager.store.put("acme", orphan)).version
+    manager._cache.clear()
+    fresh = emulator_grant(emulator, "acme")
+
+    async def late_commit() -> None:
+        await asyncio.sleep(0.1)
+        await manager.store.commit("acme", fence, record.replace(
+            access_token=fresh.access_token, refresh_token=fresh.refresh_token, generation=1))
+
+    task = asyncio.create_task(late_commit())
+    assert await manager.token("acme") == fresh.access_token.reveal()
+    await task
+    assert emulator.ledger["redemptions"] == 0
+
+
+async def test_rescued_tokens_are_adopted_by_the_next_holder(emulator: Emulator, manager):
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
+    orphan = record.replace(status=Status.REFRESHING, intent=manager._intent(record))
+    fence = (await manager.store.put("acme", orphan)).version
+    manager._cache.clear()
+    fresh = emulator_grant(emulator, "acme")
+    await manager.store.save_rescue("acme", fence, record.replace(
+        access_token=fresh.access_token, refresh_token=fresh.refresh_token, generation=1))
+    assert await manager.token("acme") == fresh.access_token.reveal()
+    assert (await stored(manager)).record.status is Status.VALID
+    assert await manager.store.rescues("acme") == []
+    assert manager.stats.rescues_adopted == 1
+
+
+async def test_fenced_out_commit_goes_to_rescue_and_revives_a_dead_record(emulator: Emulator,
+                                                                          manager):
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
+    emulator.faults.set("token", latency=0.3)
+    task = asyncio.create_task(manager.refresh("acme", stale=record.access_token.reveal()))
+    await asyncio.sleep(0.1)
+    # A takeover declared the grant dead while our redemption was in flight.
+    await manager.store.put("acme", dead_record(record, "taken over"))
+    creds = await task
+    after = (await stored(manager)).record
+    assert after.status is Status.VALID
+    assert after.access_token.reveal() == creds.access_token
+    assert manager.stats.rescued == 1 and manager.stats.rescues_adopted == 1
+    assert await manager.store.rescues("acme") == []
+    assert emulator.ledger["redemptions"] == 1 and emulator.ledger["reuse"] == 0
