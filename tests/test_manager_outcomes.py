@@ -42,7 +42,8 @@ async def test_401_with_a_replaced_token_causes_no_refresh(emulator: Emulator, m
     await manager.connect("acme", emulator_grant(emulator, "acme"))
     t0 = await manager.token("acme")
     t1 = (await manager.refresh("acme", stale=t0)).access_token
-    assert t1 != t0 and emulator.ledger["redemptions"] == 1
+    assert t1 != t0
+    assert emulator.ledger["redemptions"] == 1
     # Late reporters of the same 401 get the replacement, without a refresh.
     assert (await manager.refresh("acme", stale=t0)).access_token == t1
     assert emulator.ledger["redemptions"] == 1
@@ -53,7 +54,8 @@ async def test_401_with_a_replaced_token_causes_no_refresh(emulator: Emulator, m
     await other.oauth.aclose()
     # A 401 with the current token refreshes exactly once.
     t2 = (await manager.refresh("acme", stale=t1)).access_token
-    assert t2 not in (t0, t1) and emulator.ledger["redemptions"] == 2
+    assert t2 not in (t0, t1)
+    assert emulator.ledger["redemptions"] == 2
     assert (await stored(manager)).record.generation == 2
 
 
@@ -113,12 +115,14 @@ async def test_not_sent_leaves_the_record_untouched(emulator: Emulator):
     with pytest.raises(TokenEndpointUnavailable):
         await broken.refresh("acme", stale=record.access_token.reveal())
     after = (await store.read("acme")).record
-    assert after.status is Status.VALID and after.refresh_token == record.refresh_token
+    assert after.status is Status.VALID
+    assert after.refresh_token == record.refresh_token
     assert after.intent is None
     # Nothing was burnt: a working client redeems the same token fine.
     working = TokenManager(emulator_oauth(emulator), store)
     await working.refresh("acme", stale=record.access_token.reveal())
-    assert emulator.ledger["redemptions"] == 1 and emulator.ledger["reuse"] == 0
+    assert emulator.ledger["redemptions"] == 1
+    assert emulator.ledger["reuse"] == 0
     await broken.aclose()
     await working.aclose()
 
@@ -143,7 +147,8 @@ async def test_rotate_then_drop_fails_closed_without_a_second_redemption(emulato
     with pytest.raises(ReauthorizationRequired):
         await manager.token("acme")
     assert emulator.ledger["redemptions"] == 1
-    assert emulator.ledger["reuse"] == 0 and emulator.ledger["revocations"] == 0
+    assert emulator.ledger["reuse"] == 0
+    assert emulator.ledger["revocations"] == 0
 
 
 async def test_server_error_is_indeterminate_under_fail_closed(emulator: Emulator, manager):
@@ -166,7 +171,8 @@ async def test_introspect_policy_retries_a_token_that_was_not_rotated(emulator: 
     emulator.faults.set("token", reset_before=1)  # sent, but never processed
     creds = await mgr.refresh("acme", stale=record.access_token.reveal())
     assert creds.access_token != record.access_token.reveal()
-    assert emulator.ledger["redemptions"] == 1 and emulator.ledger["reuse"] == 0
+    assert emulator.ledger["redemptions"] == 1
+    assert emulator.ledger["reuse"] == 0
     assert (await mgr.store.read("acme")).record.status is Status.VALID
     await mgr.aclose()
 
@@ -177,7 +183,8 @@ async def test_introspect_policy_fails_closed_when_the_token_was_rotated(emulato
     emulator.faults.set("token", drop_after_rotation=1)
     with pytest.raises(RefreshIndeterminate):
         await mgr.refresh("acme", stale=record.access_token.reveal())
-    assert emulator.ledger["redemptions"] == 1 and emulator.ledger["reuse"] == 0
+    assert emulator.ledger["redemptions"] == 1
+    assert emulator.ledger["reuse"] == 0
     await mgr.aclose()
 
 
@@ -191,7 +198,8 @@ async def test_reuse_window_policy_redeems_again(emulator: Emulator):
     emulator.faults.set("token", drop_after_rotation=1)
     creds = await mgr.refresh("acme", stale=record.access_token.reveal())
     assert creds.access_token in emulator.world.access_index
-    assert emulator.ledger["reuse_in_window"] == 1 and emulator.ledger["reuse"] == 0
+    assert emulator.ledger["reuse_in_window"] == 1
+    assert emulator.ledger["reuse"] == 0
     assert (await mgr.store.read("acme")).record.status is Status.VALID
     await mgr.aclose()
 
@@ -207,7 +215,8 @@ async def test_busy_is_never_counted_as_reuse(emulator: Emulator, manager, http)
         await manager.refresh("acme", stale=grant.access_token.reveal())
     assert (await outsider)[0] == 200
     assert emulator.ledger["concurrent_rejections"] == 1
-    assert emulator.ledger["reuse"] == 0 and emulator.ledger["revocations"] == 0
+    assert emulator.ledger["reuse"] == 0
+    assert emulator.ledger["revocations"] == 0
     assert emulator.ledger["redemptions"] == 1  # the outsider's
 
 
@@ -270,6 +279,8 @@ async def test_fenced_out_commit_goes_to_rescue_and_revives_a_dead_record(emulat
     after = (await stored(manager)).record
     assert after.status is Status.VALID
     assert after.access_token.reveal() == creds.access_token
-    assert manager.stats.rescued == 1 and manager.stats.rescues_adopted == 1
+    assert manager.stats.rescued == 1
+    assert manager.stats.rescues_adopted == 1
     assert await manager.store.rescues("acme") == []
-    assert emulator.ledger["redemptions"] == 1 and emulator.ledger["reuse"] == 0
+    assert emulator.ledger["redemptions"] == 1
+    assert emulator.ledger["reuse"] == 0

@@ -28,7 +28,8 @@ async def test_ten_thousand_coroutines_one_expired_customer(emulator: Emulator, 
     emulator.faults.set("token", latency=0.05)
     tokens = await asyncio.gather(*(manager.token("acme") for _ in range(10_000)))
     assert emulator.ledger["redemptions"] == 1
-    assert len(set(tokens)) == 1 and tokens[0] != old
+    assert len(set(tokens)) == 1
+    assert tokens[0] != old
     assert emulator.ledger["reuse"] == 0
     # The token they got is the one Salesforce considers live.
     assert tokens[0] in emulator.world.access_index

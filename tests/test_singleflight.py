@@ -29,7 +29,8 @@ async def test_concurrent_callers_share_one_call():
     results = await asyncio.gather(*tasks)
     assert runs == 1
     assert results == [(42, True)] * 1000
-    assert not group.in_flight("k") and len(group) == 0
+    assert not group.in_flight("k")
+    assert len(group) == 0
 
 
 async def test_a_lone_caller_is_not_shared_and_keys_are_independent():
@@ -40,7 +41,8 @@ async def test_a_lone_caller_is_not_shared_and_keys_are_independent():
         return v
 
     a, b = await asyncio.gather(group.do("a", lambda: echo("A")), group.do("b", lambda: echo("B")))
-    assert a == ("A", False) and b == ("B", False)
+    assert a == ("A", False)
+    assert b == ("B", False)
 
 
 async def test_exception_reaches_every_caller_and_frees_the_key():
