@@ -55,6 +55,13 @@ class Credentials(NamedTuple):
     access_token: str
     instance_url: str
 
+    def __repr__(self) -> str:
+        return (f"Credentials(access_token=sha256:{fingerprint(self.access_token)}, "
+                f"instance_url={self.instance_url!r})")
+
+    def __str__(self) -> str:
+        return repr(self)
+
 
 class _Entry:
     """A cached, usable record. ``refresh_at`` is on the monotonic clock."""
@@ -187,11 +194,16 @@ class TokenManager:
         current = await self.store.read(customer)
         return None if current is None else current.record.status
 
+    async def wait_idle(self) -> None:
+        """Wait until background refreshes and refreshes in flight have finished."""
+        while self._background or len(self._flights):
+            if self._background:
+                await asyncio.wait(list(self._background))
+            await self._flights.wait_idle()
+
     async def aclose(self) -> None:
         """Let refreshes in flight finish (they may hold burnt tokens), then close."""
-        await self._flights.wait_idle()
-        for task in list(self._background):
-            task.cancel()
+        await self.wait_idle()
         await self.store.aclose()
         await self.oauth.aclose()
 

@@ -8,6 +8,7 @@ an outbound proxy, so refreshes come from an allow-listed static IP
 
 from __future__ import annotations
 
+import base64
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,15 +80,20 @@ class OAuthConfig:
     def token_url(self) -> str:
         return self.login_url.rstrip("/") + "/services/oauth2/token"
 
-    def request_options(self) -> dict[str, Any]:
-        """Proxy keyword arguments for an aiohttp request."""
-        options: dict[str, Any] = {}
-        if self.proxy:
-            options["proxy"] = self.proxy
-            if self.proxy_auth:
-                user, password = self.proxy_auth
-                options["proxy_headers"] = {"Proxy-Authorization": aiohttp.helpers.BasicAuth(
-                    user, password.reveal()).encode()}
+    def request_options(self, url: str) -> dict[str, Any]:
+        """Proxy keyword arguments for an aiohttp request to ``url``.
+
+        Proxy credentials go on the CONNECT request for https targets, and on
+        the request itself for plain http (aiohttp does not copy them there);
+        never both, so they never travel inside the tunnel to the target.
+        """
+        if not self.proxy:
+            return {}
+        options: dict[str, Any] = {"proxy": self.proxy}
+        if self.proxy_auth:
+            user, password = self.proxy_auth
+            header = {"Proxy-Authorization": basic_credentials(user, password.reveal())}
+            options["proxy_headers" if url.startswith("https:") else "headers"] = header
         return options
 
 
@@ -119,9 +125,10 @@ class OAuthClient:
         return form
 
     async def _post(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
-        async with self.session.post(url, data=form, timeout=self._timeout,
-                                     headers={"Accept": "application/json"},
-                                     **self.config.request_options()) as resp:
+        options = self.config.request_options(url)
+        headers = {"Accept": "application/json", **options.pop("headers", {})}
+        async with self.session.post(url, data=form, timeout=self._timeout, headers=headers,
+                                     **options) as resp:
             body = await resp.content.read(MAX_ANSWER_BYTES + 1)
             if len(body) > MAX_ANSWER_BYTES:
                 raise InvalidTokenResponse("token endpoint answer is too large")
@@ -167,8 +174,9 @@ class OAuthClient:
             if BUSY_MARKER in description.lower():
                 return RefreshOutcome(OutcomeKind.BUSY, error=error, description=description)
             return RefreshOutcome(OutcomeKind.REJECTED, error=error, description=description)
-        if 400 <= status < 500 and error:
-            # invalid_client, unsupported_grant_type...: refused before redemption.
+        if status == 407 or (400 <= status < 500 and error):
+            # Our proxy refused us, or the provider refused the client
+            # (invalid_client, unsupported_grant_type...): nothing was redeemed.
             return RefreshOutcome(OutcomeKind.NOT_SENT, error=error, description=description)
         return RefreshOutcome(OutcomeKind.INDETERMINATE, error=f"http_{status}",
                               description="unrecognised token endpoint answer")
@@ -235,6 +243,12 @@ class OAuthClient:
             if 200 <= status < 300:
                 raise InvalidTokenResponse("token endpoint answer is not JSON") from None
             return status, None
+
+
+def basic_credentials(user: str, password: str) -> str:
+    """An HTTP Basic credentials header value (RFC 7617)."""
+    raw = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return f"Basic {raw}"
 
 
 def _error_fields(body: Any) -> tuple[str, str]:

@@ -1,0 +1,107 @@
+"""The protocol's decisions, exhaustively, without any I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from sfrtr import Intent, NotConnected, ReauthorizationRequired, Secret, Status, TokenRecord
+from sfrtr.oauth.grant import TokenGrant
+from sfrtr.protocol import (
+    Fail,
+    Recover,
+    Redeem,
+    Use,
+    Wait,
+    adoptable_after_rejection,
+    dead_record,
+    pick_rescue,
+    plan,
+    refreshed_record,
+)
+from sfrtr.records import Versioned
+
+NOW = 1_000_000.0
+RECORD = TokenRecord(access_token=Secret("at-1"), refresh_token=Secret("rt-1"),
+                     instance_url="https://x.my.salesforce.com", issued_at=NOW - 100,
+                     expires_at=NOW + 3600, generation=3)
+INTENT = Intent(worker="w", refresh_fingerprint="f", started_at=NOW)
+
+
+def v(record: TokenRecord = RECORD, version: int = 7, locked: bool = False) -> Versioned:
+    return Versioned(record, version, locked)
+
+
+def decide(current: Versioned | None, stale: str | None = None, margin: float = 300):
+    return plan("acme", current, stale=stale, now=NOW, margin=margin)
+
+
+def test_missing_record_is_not_connected():
+    step = decide(None)
+    assert isinstance(step, Fail)
+    assert isinstance(step.error, NotConnected)
+
+
+def test_dead_record_fails_with_its_reason():
+    step = decide(v(dead_record(RECORD, "revoked")))
+    assert isinstance(step, Fail)
+    assert isinstance(step.error, ReauthorizationRequired)
+    assert step.error.reason == "revoked"
+
+
+@pytest.mark.parametrize(("status", "locked", "expected"), [
+    (Status.REFRESHING, True, Wait(7)),
+    (Status.REFRESHING, False, Recover(7, fenced=False)),
+    (Status.INDETERMINATE, True, Wait(7)),
+    (Status.INDETERMINATE, False, Recover(7, fenced=True)),
+    (Status.VALID, True, Wait(7)),
+])
+def test_in_progress_states(status, locked, expected):
+    assert decide(v(RECORD.replace(status=status, intent=INTENT), locked=locked)) == expected
+
+
+def test_fresh_record_is_used():
+    assert decide(v()) == Use(RECORD, 7)
+
+
+def test_near_expiry_is_redeemed():
+    near = RECORD.replace(expires_at=NOW + 100)
+    assert decide(v(near)) == Redeem(7)
+    assert decide(v(near), margin=50) == Use(near, 7)
+
+
+def test_a_401_on_the_stored_token_is_final():
+    assert decide(v(), stale="at-1") == Redeem(7)
+
+
+def test_a_401_on_an_older_token_adopts_the_stored_one():
+    assert decide(v(), stale="at-0") == Use(RECORD, 7)
+    assert decide(v(RECORD.replace(expires_at=NOW)), stale="at-0") == Redeem(7)
+
+
+def test_refreshed_record_keeps_the_refresh_token_without_rotation():
+    grant = TokenGrant(access_token=Secret("at-2"), refresh_token=None,
+                       instance_url=RECORD.instance_url, identity_url="id", issued_at=NOW,
+                       scope="api")
+    new = refreshed_record(RECORD.replace(status=Status.REFRESHING, intent=INTENT), grant,
+                           lifetime=7200)
+    assert new.refresh_token == RECORD.refresh_token
+    assert new.generation == 4
+    assert new.expires_at == NOW + 7200
+    assert new.status is Status.VALID
+    assert new.intent is None
+
+
+def test_rejection_adopts_only_a_valid_record_with_another_refresh_token():
+    assert adoptable_after_rejection(RECORD, None) is None
+    assert adoptable_after_rejection(RECORD, v()) is None
+    other = RECORD.replace(refresh_token=Secret("rt-9"))
+    assert adoptable_after_rejection(RECORD, v(other)) == v(other)
+    assert adoptable_after_rejection(RECORD, v(dead_record(other, "x"))) is None
+
+
+def test_pick_rescue_takes_the_newest_generation_above_the_stored_one():
+    r4, r5 = RECORD.replace(generation=4), RECORD.replace(generation=5)
+    assert pick_rescue(3, []) is None
+    assert pick_rescue(3, [(10, RECORD)]) is None
+    assert pick_rescue(3, [(10, r4), (11, r5), (12, r4)]) == (11, r5)
+    assert pick_rescue(5, [(10, r4), (11, r5)]) is None
