@@ -1,0 +1,1 @@
+"""sfrtr's benchmark suite: ``python -m benchmarks`` or ``nox -s bench``."""

@@ -1,0 +1,34 @@
+"""Run the benchmark suite: tables on stdout, JSON under ``benchmarks/results/``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from benchmarks import hot_path, report, storm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    args = parser.parse_args()
+    quick = args.quick
+
+    params = {"n": 2_000 if quick else 200_000, "repeats": 2 if quick else 5}
+    rows = asyncio.run(hot_path.run(**params))
+    print(report.table("Hot path: fresh-token call (best of repeats)", rows), "\n")
+    report.write("hot_path", params, rows)
+
+    sf = {"coroutines": 200 if quick else 10_000, "latency": 0.05}
+    row = asyncio.run(storm.singleflight_storm(**sf))
+    print(report.table("Singleflight storm: one expired customer", [row]), "\n")
+    report.write("singleflight_storm", sf, [row])
+
+    mc = {"customers": 200 if quick else 10_000}
+    row = asyncio.run(storm.many_customer_storm(**mc))
+    print(report.table("Many-customer storm: all expire at once (memory store)", [row]), "\n")
+    report.write("many_customer_storm", mc, [row])
+
+
+if __name__ == "__main__":
+    main()
