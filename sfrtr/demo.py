@@ -74,7 +74,7 @@ class _NaiveTokens:
         return self.tokens[customer][0]
 
     async def refresh(self, customer: str, *, stale: str) -> Credentials:
-        creds, refresh_token = self.tokens[customer]
+        _, refresh_token = self.tokens[customer]
         outcome = await self.oauth.refresh(refresh_token)
         if outcome.kind is not OutcomeKind.OK or outcome.grant is None:
             raise SfrtrError(f"naive refresh failed: {outcome.kind.value}")
@@ -119,11 +119,8 @@ async def run_demo(config: DemoConfig, *, out: Callable[[str], object] = print
             client_id=DEFAULT_CLIENT_ID, client_secret=Secret(DEFAULT_CLIENT_SECRET),
             login_url=base_url, instance_policy=InstanceUrlPolicy.for_emulator()), http)
         customers = [f"customer-{i:03d}" for i in range(config.customers)]
-        tokens: TokenManager | _NaiveTokens
-        if config.naive:
-            tokens = _NaiveTokens(oauth)
-        else:
-            tokens = TokenManager(oauth, MemoryStore())
+        tokens: TokenManager | _NaiveTokens = (
+            _NaiveTokens(oauth) if config.naive else TokenManager(oauth, MemoryStore()))
         for c in customers:
             emulator.seed(c, "Account", [{"Name": f"{c} account {n}"} for n in range(5)])
             grant = parse_grant(emulator.grant(c), policy=oauth.config.instance_policy,

@@ -43,7 +43,10 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    serve(build_parser().parse_args(argv))
+
+
+def serve(args: argparse.Namespace) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(args))
 
