@@ -119,6 +119,7 @@ class TokenManager:
         self._flights: Singleflight[tuple[str, str | None], _Entry] = Singleflight()
         self._orphans_seen: dict[tuple[str, int], float] = {}
         self._background: set[asyncio.Task[object]] = set()
+        self.store.subscribe(self._on_store_change)
 
     # -- hot path ----------------------------------------------------------
 
@@ -214,6 +215,13 @@ class TokenManager:
         await self.oauth.aclose()
 
     # -- the protocol --------------------------------------------------------
+
+    def _on_store_change(self, customer: str, state: Versioned | None) -> None:
+        """Keep the hot-path cache in step with the store, whoever wrote it."""
+        if state is None or state.record.status is Status.REAUTH_REQUIRED:
+            self._cache.pop(customer, None)
+        elif state.record.status is Status.VALID:
+            self._cache_put(customer, state.record)
 
     def _cache_put(self, customer: str, record: TokenRecord) -> _Entry:
         now_wall, now_mono = time.time(), time.monotonic()

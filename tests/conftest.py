@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -19,6 +20,9 @@ from sfrtr import (
 )
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
 from sfrtr.oauth.grant import parse_grant
+from sfrtr.store.etcd import EtcdStore
+from sfrtr.store.etcd_client import EtcdSettings
+from sfrtr.store.etcd_launcher import LocalEtcd
 
 
 @pytest.fixture
@@ -67,3 +71,27 @@ async def manager(emulator: Emulator) -> AsyncIterator[TokenManager]:
                        RefreshPolicy(recovery_grace=0.2, busy_backoff=0.05))
     yield mgr
     await mgr.aclose()
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[LocalEtcd]:
+    """A real etcd for the whole session. Never skipped: no etcd is a failure."""
+    server = LocalEtcd()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> str:
+    """A namespace of its own for each test, so tests share one etcd safely."""
+    return f"t/{request.node.name}/{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def etcd_store(etcd_server: LocalEtcd, namespace: str) -> AsyncIterator[EtcdStore]:
+    store = EtcdStore(EtcdSettings(endpoints=[etcd_server.endpoint]), namespace=namespace,
+                      lease_ttl=3)
+    await store.start()
+    yield store
+    await store.aclose()

@@ -13,6 +13,7 @@ primitives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from sfrtr.records import Intent, TokenRecord, Versioned
@@ -67,6 +68,11 @@ class TokenStore(Protocol):
 
     async def customers(self) -> list[str]:
         """Every customer with a stored record."""
+
+    def subscribe(self, callback: Callable[[str, Versioned | None], None]) -> None:
+        """Call ``callback(customer, state)`` after every change to a record, including
+        changes made by other processes (``None``: the record was deleted). Keeps the
+        token manager's cache current without reads."""
 
     def lease_remaining(self) -> float | None:
         """Seconds this process can still count on its lock lease, or ``None``

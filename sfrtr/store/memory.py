@@ -8,6 +8,7 @@ also how long this store's data lives.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
 
@@ -19,6 +20,22 @@ class MemoryStore:
         self._rescues: dict[str, dict[int, TokenRecord]] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._revision = 0
+        self._subscribers: list[Callable[[str, Versioned | None], None]] = []
+
+    def subscribe(self, callback: Callable[[str, Versioned | None], None]) -> None:
+        self._subscribers.append(callback)
+
+    def _store(self, customer: str, record: TokenRecord, locked: bool) -> Versioned:
+        if locked:
+            self._locked.add(customer)
+        else:
+            self._locked.discard(customer)
+        version = self._bump(customer)
+        self._records[customer] = (record, version)
+        state = Versioned(record, version, locked)
+        for callback in self._subscribers:
+            callback(customer, state)
+        return state
 
     def _bump(self, customer: str) -> int:
         self._revision += 1
@@ -37,30 +54,21 @@ class MemoryStore:
         return self._view(customer)
 
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
-        self._locked.discard(customer)
-        version = self._bump(customer)
-        self._records[customer] = (record, version)
-        return Versioned(record, version, False)
+        return self._store(customer, record, False)
 
     async def acquire(self, customer: str, expected_version: int,
                       intent: Intent) -> Versioned | None:
         found = self._records.get(customer)
         if found is None or found[1] != expected_version or customer in self._locked:
             return None
-        record = found[0].replace(status=Status.REFRESHING, intent=intent)
-        self._locked.add(customer)
-        version = self._bump(customer)
-        self._records[customer] = (record, version)
-        return Versioned(record, version, True)
+        return self._store(customer, found[0].replace(status=Status.REFRESHING, intent=intent),
+                           True)
 
     async def commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
         found = self._records.get(customer)
         if found is None or found[1] != fence:
             return None
-        self._locked.discard(customer)
-        version = self._bump(customer)
-        self._records[customer] = (record, version)
-        return Versioned(record, version, False)
+        return self._store(customer, record, False)
 
     async def save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
         self._rescues.setdefault(customer, {})[fence] = record
@@ -93,6 +101,8 @@ class MemoryStore:
         self._locked.discard(customer)
         self._rescues.pop(customer, None)
         self._bump(customer)
+        for callback in self._subscribers:
+            callback(customer, None)
 
     async def customers(self) -> list[str]:
         return list(self._records)

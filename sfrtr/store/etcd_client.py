@@ -1,0 +1,328 @@
+"""A narrow etcd v3 client over gRPC: the only module that imports ``aetcd``.
+
+sfrtr uses aetcd's generated gRPC stubs and messages, not its high-level
+client: that client has no TLS channel and its watcher hides the compaction
+and reconnect signals the protocol must see. What the store needs is small:
+Txn with compares, ranges, leases with a keepalive stream, and one prefix
+watch. Every unary call counts one round trip in :attr:`EtcdClient.round_trips`
+(the benchmarks and the two-round-trip test read it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import grpc
+import grpc.aio
+from aetcd import rpc
+
+from sfrtr.errors import ConfigurationError, LeaseLost, StoreError
+
+log = logging.getLogger("sfrtr.etcd")
+
+Target = Literal["mod", "create", "version", "value", "lease"]
+_TARGETS = {
+    "mod": (rpc.Compare.MOD, "mod_revision"),
+    "create": (rpc.Compare.CREATE, "create_revision"),
+    "version": (rpc.Compare.VERSION, "version"),
+    "value": (rpc.Compare.VALUE, "value"),
+    "lease": (rpc.Compare.LEASE, "lease"),
+}
+_OPS = {"==": rpc.Compare.EQUAL, "!=": rpc.Compare.NOT_EQUAL, "<": rpc.Compare.LESS,
+        ">": rpc.Compare.GREATER}
+
+
+def compare(key: bytes, target: Target, op: str, value: int | bytes) -> Any:
+    """Build a Txn compare whose filled field always matches its target.
+
+    etcd silently compares against 0 when the target and the filled field
+    disagree; building every compare here makes that mistake impossible.
+    """
+    enum, field_name = _TARGETS[target]
+    if (field_name == "value") != isinstance(value, bytes):
+        raise TypeError(f"compare on {target} needs {'bytes' if field_name == 'value' else 'int'}")
+    message = rpc.Compare(key=key, target=enum, result=_OPS[op])
+    setattr(message, field_name, value)
+    return message
+
+
+def put(key: bytes, value: bytes, lease: int = 0) -> Any:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
+
+
+def delete(key: bytes, *, prefix: bool = False) -> Any:
+    end = prefix_end(key) if prefix else b""
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key, range_end=end))
+
+
+def get(key: bytes, *, prefix: bool = False, keys_only: bool = False) -> Any:
+    end = prefix_end(key) if prefix else b""
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=end,
+                                                        keys_only=keys_only))
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key that starts with ``prefix``."""
+    raw = bytearray(prefix)
+    for i in range(len(raw) - 1, -1, -1):
+        if raw[i] < 0xFF:
+            raw[i] += 1
+            return bytes(raw[: i + 1])
+    return b"\0"
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    """The store revision after the Txn (the revision of its writes, if any)."""
+    ranges: list[list[KV]]
+    """The results of the Txn's range ops, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    kind: Literal["put", "delete"]
+    kv: KV
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    revision: int
+    events: list[WatchEvent] = field(default_factory=list)
+    compacted: bool = False
+    """History up to the requested revision is gone: resynchronize from a read."""
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    """Where etcd is and how to talk to it."""
+
+    endpoints: Sequence[str] = ("127.0.0.1:2379",)
+    """``host:port`` of each member; calls fail over to the next on UNAVAILABLE."""
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    """CA bundle for TLS; TLS is on when any of the three files is given."""
+    cert_file: str | None = None
+    key_file: str | None = None
+    timeout: float = 5.0
+    """Seconds per unary call."""
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise ConfigurationError("at least one etcd endpoint is required")
+        if (self.username is None) != (self.password is None):
+            raise ConfigurationError("etcd username and password go together")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigurationError("etcd client cert and key go together")
+
+    @property
+    def tls(self) -> bool:
+        return any((self.ca_file, self.cert_file, self.key_file))
+
+
+def _kv(message: Any) -> KV:
+    return KV(message.key, message.value, message.mod_revision, message.create_revision,
+              message.lease)
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class KeepAlive:
+    """One LeaseKeepAlive stream: each :meth:`ping` is one round trip."""
+
+    def __init__(self, client: EtcdClient, call: Any) -> None:
+        self._client = client
+        self._call = call
+
+    async def ping(self, lease_id: int, timeout: float) -> int | None:
+        """The lease's remaining TTL as the server sees it (0: the lease is gone);
+        ``None`` if the stream ended. Raises :class:`StoreError` on a broken stream."""
+        self._client.round_trips += 1
+        try:
+            await self._call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+            reply = await asyncio.wait_for(self._call.read(), timeout)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+            raise StoreError(f"etcd keepalive broke: {type(exc).__name__}") from None
+        except TimeoutError:
+            raise StoreError("etcd keepalive answer timed out") from None
+        if reply is grpc.aio.EOF:
+            return None
+        return int(reply.TTL)
+
+    def close(self) -> None:
+        self._call.cancel()
+
+
+class EtcdClient:
+    """Unary KV and lease calls, a keepalive stream and watch streams."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        self.settings = settings
+        self.round_trips = 0
+        self._endpoint = 0
+        self._channel: grpc.aio.Channel | None = None
+        self._metadata: tuple[tuple[str, str], ...] | None = None
+        self._kv: Any = None
+        self._lease: Any = None
+        self._watch: Any = None
+        self._connect_lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._channel is not None:
+                return
+            target = self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
+            if self.settings.tls:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=_read(self.settings.ca_file),
+                    private_key=_read(self.settings.key_file),
+                    certificate_chain=_read(self.settings.cert_file))
+                channel = grpc.aio.secure_channel(target, credentials)
+            else:
+                channel = grpc.aio.insecure_channel(target)
+            self._channel = channel
+            self._kv = rpc.KVStub(channel)
+            self._lease = rpc.LeaseStub(channel)
+            self._watch = rpc.WatchStub(channel)
+            if self.settings.username is not None:
+                await self._authenticate()
+
+    async def _authenticate(self) -> None:
+        assert self._channel is not None
+        stub = rpc.AuthStub(self._channel)
+        try:
+            reply = await stub.Authenticate(
+                rpc.AuthenticateRequest(name=self.settings.username,
+                                        password=self.settings.password),
+                timeout=self.settings.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise StoreError(f"etcd authentication failed: {exc.code().name}") from None
+        self._metadata = (("token", reply.token),)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = None
+
+    async def _reconnect(self, *, next_endpoint: bool) -> None:
+        old = self._channel
+        self._channel = None
+        if next_endpoint:
+            self._endpoint += 1
+        if old is not None:
+            await old.close()
+        await self.connect()
+
+    async def _unary(self, stub: str, method: str, request: Any) -> Any:
+        """One round trip, with one failover/re-authentication retry."""
+        await self.connect()
+        for attempt in (1, 2):
+            call = getattr(getattr(self, stub), method)
+            self.round_trips += 1
+            try:
+                return await call(request, timeout=self.settings.timeout,
+                                  metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                details = exc.details() or ""
+                if "lease not found" in details:
+                    raise LeaseLost("etcd lease not found (expired or revoked)") from None
+                if attempt == 1 and code == grpc.StatusCode.UNAUTHENTICATED and \
+                        self.settings.username is not None:
+                    await self._authenticate()
+                    continue
+                if attempt == 1 and code == grpc.StatusCode.UNAVAILABLE and \
+                        len(self.settings.endpoints) > 1:
+                    await self._reconnect(next_endpoint=True)
+                    continue
+                raise StoreError(f"etcd {method} failed: {code.name}") from None
+        raise AssertionError("unreachable")
+
+    # -- KV ------------------------------------------------------------------
+
+    async def txn(self, compares: Sequence[Any], success: Sequence[Any],
+                  failure: Sequence[Any] = ()) -> TxnResult:
+        reply = await self._unary("_kv", "Txn", rpc.TxnRequest(
+            compare=list(compares), success=list(success), failure=list(failure)))
+        ranges = [[_kv(kv) for kv in r.response_range.kvs] for r in reply.responses
+                  if r.WhichOneof("response") == "response_range"]
+        return TxnResult(reply.succeeded, reply.header.revision, ranges)
+
+    async def range(self, key: bytes, *, prefix: bool = False,
+                    keys_only: bool = False) -> tuple[int, list[KV]]:
+        end = prefix_end(key) if prefix else b""
+        reply = await self._unary("_kv", "Range", rpc.RangeRequest(
+            key=key, range_end=end, keys_only=keys_only))
+        return reply.header.revision, [_kv(kv) for kv in reply.kvs]
+
+    # -- leases --------------------------------------------------------------
+
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease: ``(id, ttl)`` with the TTL the server granted."""
+        reply = await self._unary("_lease", "LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl))
+        if reply.error:
+            raise StoreError(f"etcd refused a lease: {reply.error}")
+        return reply.ID, reply.TTL
+
+    async def revoke(self, lease_id: int) -> None:
+        with contextlib.suppress(LeaseLost):
+            await self._unary("_lease", "LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease_id))
+
+    async def keepalive(self) -> KeepAlive:
+        """A LeaseKeepAlive stream; close it when done."""
+        await self.connect()
+        return KeepAlive(self, self._lease.LeaseKeepAlive(metadata=self._metadata))
+
+    # -- watch ---------------------------------------------------------------
+
+    async def watch_prefix(self, prefix: bytes, start_revision: int
+                           ) -> AsyncIterator[WatchBatch]:
+        """Events under ``prefix`` from ``start_revision`` on, batch by batch.
+
+        Ends (raises :class:`StoreError`) when the stream breaks; yields one
+        ``compacted`` batch and ends if the history was compacted away.
+        """
+        await self.connect()
+        call = self._watch.Watch(metadata=self._metadata)
+        await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=prefix, range_end=prefix_end(prefix), start_revision=start_revision,
+            progress_notify=True)))
+        try:
+            while True:
+                try:
+                    reply = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    raise StoreError(f"etcd watch broke: {exc.code().name}") from None
+                if reply is grpc.aio.EOF:
+                    raise StoreError("etcd watch stream ended")
+                if reply.compact_revision:
+                    yield WatchBatch(reply.compact_revision, compacted=True)
+                    return
+                if reply.canceled:
+                    raise StoreError(f"etcd watch canceled: {reply.cancel_reason}")
+                events = [WatchEvent("delete" if e.type == rpc.Event.DELETE else "put",
+                                     _kv(e.kv)) for e in reply.events]
+                yield WatchBatch(reply.header.revision, events)
+        finally:
+            call.cancel()
