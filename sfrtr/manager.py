@@ -114,6 +114,13 @@ class TokenManager:
         self.store: TokenStore = store if store is not None else MemoryStore()
         self.policy = policy or RefreshPolicy()
         self.worker_id = worker_id or default_worker_id()
+        needed = self.oauth.config.timeout + self.policy.lease_margin
+        if self.store.lease_ttl and self.store.lease_ttl * 2 / 3 <= needed:
+            # Keepalives every TTL/3 leave at least 2/3 of the TTL; a refresh
+            # needs the provider timeout plus a margin of it, or it never starts.
+            raise ConfigurationError(
+                f"lease TTL {self.store.lease_ttl:g}s is too short for a provider timeout of "
+                f"{self.oauth.config.timeout:g}s: make it more than {needed * 1.5:g}s")
         self.stats = ManagerStats()
         self._cache: dict[str, _Entry] = {}
         self._flights: Singleflight[tuple[str, str | None], _Entry] = Singleflight()

@@ -58,7 +58,7 @@ class OAuthConfig:
     """Confidential apps sign answers with it; ``None`` for public PKCE clients."""
     login_url: str = "https://login.salesforce.com"
     instance_policy: InstanceUrlPolicy = field(default_factory=InstanceUrlPolicy)
-    timeout: float = 20.0
+    timeout: float = 10.0
     """Seconds for a whole token request. Also bounds a refresh's critical section."""
     connect_timeout: float = 5.0
     proxy: str | None = None

@@ -77,7 +77,7 @@ class EtcdStore:
     """
 
     def __init__(self, settings: EtcdSettings | None = None, *, namespace: str = "sfrtr",
-                 lease_ttl: int = 10) -> None:
+                 lease_ttl: int = 30) -> None:
         if not namespace or namespace.endswith("/"):
             raise ValueError("namespace must be non-empty and not end with '/'")
         if lease_ttl < 2:

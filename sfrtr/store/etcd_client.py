@@ -158,7 +158,7 @@ class KeepAlive:
     async def ping(self, lease_id: int, timeout: float) -> int | None:
         """The lease's remaining TTL as the server sees it (0: the lease is gone);
         ``None`` if the stream ended. Raises :class:`StoreError` on a broken stream."""
-        self._client.round_trips += 1
+        self._client.keepalive_pings += 1
         try:
             await self._call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
             reply = await asyncio.wait_for(self._call.read(), timeout)
@@ -180,6 +180,8 @@ class EtcdClient:
     def __init__(self, settings: EtcdSettings) -> None:
         self.settings = settings
         self.round_trips = 0
+        """Unary calls made (reads, Txns, lease grants); keepalive pings not included."""
+        self.keepalive_pings = 0
         self._endpoint = 0
         self._channel: grpc.aio.Channel | None = None
         self._metadata: tuple[tuple[str, str], ...] | None = None
