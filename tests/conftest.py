@@ -25,9 +25,19 @@ from sfrtr.store.etcd_client import EtcdSettings
 from sfrtr.store.etcd_launcher import LocalEtcd
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def one_event_loop_for_the_session(anyio_backend: str) -> AsyncIterator[None]:
+    """Keep anyio's runner, hence one event loop, alive for the whole session.
+
+    grpc.aio binds its completion-queue poller to the loop it first ran on and
+    calls into it later; a loop per test leaves it calling into closed loops.
+    """
+    yield
 
 
 @pytest.fixture

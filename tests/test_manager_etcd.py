@@ -149,6 +149,7 @@ async def test_orphan_of_a_dead_process_is_recovered_after_its_lease(emulator: E
     # The process dies holding the lock: no commit, no release, no revoke.
     for task in dead.store._tasks:  # type: ignore[attr-defined]
         task.cancel()
+    await asyncio.gather(*dead.store._tasks, return_exceptions=True)  # type: ignore[attr-defined]
     survivor = await etcd_manager(emulator, etcd_server, namespace, recovery_grace=0.5)
     started = time.monotonic()
     with pytest.raises(RefreshIndeterminate):
