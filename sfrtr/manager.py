@@ -15,8 +15,9 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import anyio
 
@@ -30,6 +31,7 @@ from sfrtr.errors import (
     ReauthorizationRequired,
     RefreshIndeterminate,
     SfrtrError,
+    StoreError,
     TokenEndpointUnavailable,
 )
 from sfrtr.oauth.client import OAuthClient
@@ -42,6 +44,7 @@ from sfrtr.singleflight import Singleflight
 from sfrtr.store.base import TokenStore
 from sfrtr.store.memory import MemoryStore
 
+T = TypeVar("T")
 log = logging.getLogger("sfrtr.manager")
 _monotonic = time.monotonic  # a module global: one lookup less on the hot path
 
@@ -307,13 +310,39 @@ class TokenManager:
                       refresh_fingerprint=record.refresh_token.fingerprint,
                       started_at=time.time())
 
+    async def _commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
+        return await self._durably(lambda: self.store.commit(customer, fence, record))
+
+    async def _save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
+        await self._durably(lambda: self.store.save_rescue(customer, fence, record))
+
+    async def _durably(self, write: Callable[[], Awaitable[T]]) -> T:
+        """Retry a write of the critical section while the store is unreachable.
+
+        These writes carry rotated tokens, or release a lock: giving up at the
+        first network error would lose a token that exists nowhere else.
+        """
+        deadline = time.monotonic() + self.policy.store_patience
+        delay = 0.1
+        while True:
+            try:
+                return await write()
+            except StoreError as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error("store write abandoned after %.0fs: %s",
+                              self.policy.store_patience, exc)
+                    raise
+                log.warning("store write failed (%s); retrying in %.1fs", exc, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def _redeem(self, customer: str, fence: int, held: TokenRecord, *,
                       retry: bool = False) -> _Entry:
         """Present ``held.refresh_token`` (we hold the lock at ``fence``) and store
         whatever came of it."""
         lease = self.store.lease_remaining()
         if lease is not None and lease < self.oauth.config.timeout + self.policy.lease_margin:
-            await self.store.commit(customer, fence, protocol.released_record(held))
+            await self._commit(customer, fence, protocol.released_record(held))
             raise LeaseLost(f"lease too short to refresh customer {customer!r} safely")
         log.debug("redeeming refresh %s for %s", held.refresh_token.fingerprint, customer)
         outcome = await self.oauth.refresh(held.refresh_token)
@@ -325,7 +354,7 @@ class TokenManager:
                                                lifetime=self.policy.session_lifetime)
             return await self._store_new(customer, fence, record)
         if kind is OutcomeKind.NOT_SENT or kind is OutcomeKind.INVALID:
-            await self.store.commit(customer, fence, protocol.released_record(held))
+            await self._commit(customer, fence, protocol.released_record(held))
             raise _untouched_error(customer, outcome)
         if kind is OutcomeKind.REJECTED:
             return await self._rejected(customer, fence, held, outcome)
@@ -348,11 +377,11 @@ class TokenManager:
             "the rotated refresh token may be lost", retry=retry)
 
     async def _store_new(self, customer: str, fence: int, record: TokenRecord) -> _Entry:
-        committed = await self.store.commit(customer, fence, record)
-        if committed is None:
+        committed = await self._commit(customer, fence, record)
+        if committed is None and not await self._is_stored(customer, record):
             # Fenced out: a takeover or a re-authorization moved the record while
             # we redeemed. Our tokens are live; keep them for adoption.
-            await self.store.save_rescue(customer, fence, record)
+            await self._save_rescue(customer, fence, record)
             self.stats.rescued += 1
             log.warning("commit for %s was fenced out; tokens kept as rescue %d",
                         customer, fence)
@@ -361,6 +390,13 @@ class TokenManager:
         if self.policy.learn_expiry:
             await self._learn_expiry(customer, record)
         return entry
+
+    async def _is_stored(self, customer: str, record: TokenRecord) -> bool:
+        """Whether ``record``'s tokens are what the store holds (a retried commit
+        whose first attempt landed although its answer was lost)."""
+        current = await self.store.read(customer)
+        return current is not None and current.record.refresh_token == record.refresh_token \
+            and current.record.access_token == record.access_token
 
     async def _learn_expiry(self, customer: str, record: TokenRecord) -> None:
         try:
@@ -384,7 +420,7 @@ class TokenManager:
 
     async def _mark_dead(self, customer: str, fence: int, held: TokenRecord, reason: str,
                          error: type[ReauthorizationRequired]) -> _Entry:
-        committed = await self.store.commit(customer, fence, protocol.dead_record(held, reason))
+        committed = await self._commit(customer, fence, protocol.dead_record(held, reason))
         if committed is None:
             reread = await self.store.read(customer)
             adopted = protocol.adoptable_after_rejection(held, reread)
@@ -403,7 +439,7 @@ class TokenManager:
             try:
                 info = await self.oauth.introspect(held.refresh_token)
             except SfrtrError as exc:
-                await self.store.commit(customer, fence, held.replace(
+                await self._commit(customer, fence, held.replace(
                     status=Status.INDETERMINATE, reason=reason))
                 raise TokenEndpointUnavailable(
                     f"cannot settle an interrupted refresh for {customer!r} yet "
@@ -411,7 +447,7 @@ class TokenManager:
             if info.active:
                 if not retry:  # not rotated after all: redeeming it is not reuse
                     return await self._redeem(customer, fence, held, retry=True)
-                await self.store.commit(customer, fence, protocol.released_record(held))
+                await self._commit(customer, fence, protocol.released_record(held))
                 raise TokenEndpointUnavailable(f"refresh for {customer!r} failed twice")
         elif mode == "reuse_window" and not retry:
             return await self._redeem(customer, fence, held, retry=True)
@@ -437,7 +473,7 @@ class TokenManager:
             return None
         rescue_fence, record = picked
         record = protocol.released_record(record)
-        if await self.store.commit(customer, fence, record) is None:
+        if await self._commit(customer, fence, record) is None:
             return None
         for old_fence, old in rescues:
             if old.generation <= record.generation:
@@ -458,7 +494,7 @@ class TokenManager:
         if acquired is None:
             return
         if await self._take_rescue(customer, acquired.version, current.record.generation) is None:
-            await self.store.commit(customer, acquired.version, current.record)
+            await self._commit(customer, acquired.version, current.record)
 
 
 def _untouched_error(customer: str, outcome: RefreshOutcome) -> SfrtrError:

@@ -33,6 +33,8 @@ class RefreshPolicy:
     takeover, seconds. ``None``: the store's lease TTL plus the provider timeout."""
     lease_margin: float = 2.0
     """A redemption starts only if the lease outlives the provider timeout by this."""
+    store_patience: float = 120.0
+    """How long a commit carrying rotated tokens is retried while the store is down."""
     busy_backoff: float = 1.0
     """Pause before re-reading after "token request is already being processed"."""
 

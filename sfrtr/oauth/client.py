@@ -8,7 +8,9 @@ an outbound proxy, so refreshes come from an allow-listed static IP
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,8 @@ log = logging.getLogger("sfrtr.oauth")
 
 BUSY_MARKER = "already being processed"
 MAX_ANSWER_BYTES = 64 * 1024
+ANSWER_GRACE = 2.0
+"""Seconds granted past the deadline to an answer whose head has arrived."""
 
 #: Failures that happen before the request is written: the token is untouched.
 _BEFORE_SEND: tuple[type[BaseException], ...] = (
@@ -104,8 +108,9 @@ class OAuthClient:
         self.config = config
         self._session = session
         self._owns_session = session is None
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout,
-                                              connect=config.connect_timeout)
+        # Only the connect phase is aiohttp's to time out (a connect timeout
+        # means nothing was sent); the whole exchange is bounded in _post.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -125,14 +130,45 @@ class OAuthClient:
         return form
 
     async def _post(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
+        """POST a form; the whole exchange is bounded by ``config.timeout``.
+
+        The deadline is ours, not aiohttp's, for one reason: an answer that
+        has already arrived must not be thrown away because the deadline
+        passed while this process was paused (a stopped or starved process
+        wakes with both the answer and the expired timer ready). If the
+        answer's head arrived, the body gets ``ANSWER_GRACE`` more seconds.
+        """
+        answered = asyncio.Event()
+        exchange = asyncio.ensure_future(self._exchange(url, form, answered))
+        try:
+            done, _ = await asyncio.wait({exchange}, timeout=self.config.timeout)
+            if not done:
+                for _ in range(3):  # let I/O that woke with the timer run first
+                    await asyncio.sleep(0)
+                if answered.is_set() and not exchange.done():
+                    await asyncio.wait({exchange}, timeout=ANSWER_GRACE)
+            if not exchange.done():
+                raise TimeoutError("token endpoint did not answer in time")
+            return exchange.result()
+        finally:
+            if not exchange.done():
+                exchange.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await exchange
+
+    async def _exchange(self, url: str, form: dict[str, str],
+                        answered: asyncio.Event) -> tuple[int, bytes]:
         options = self.config.request_options(url)
         headers = {"Accept": "application/json", **options.pop("headers", {})}
         async with self.session.post(url, data=form, timeout=self._timeout, headers=headers,
                                      **options) as resp:
-            body = await resp.content.read(MAX_ANSWER_BYTES + 1)
-            if len(body) > MAX_ANSWER_BYTES:
-                raise InvalidTokenResponse("token endpoint answer is too large")
-            return resp.status, body
+            answered.set()
+            body = bytearray()
+            while chunk := await resp.content.read(MAX_ANSWER_BYTES + 1 - len(body)):
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise InvalidTokenResponse("token endpoint answer is too large")
+            return resp.status, bytes(body)
 
     # -- refresh -------------------------------------------------------------
 

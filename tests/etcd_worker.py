@@ -1,0 +1,143 @@
+"""A worker process for the multi-process tests: ``python -m tests.etcd_worker ...``.
+
+It runs a token manager on the etcd store against the emulator, in one of a
+few modes, and reports on stdout: ``READY`` once its store is up, ``EVENT x``
+at the points a test may want to kill or stop it, and one final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from sfrtr import (
+    InstanceUrlPolicy,
+    OAuthClient,
+    OAuthConfig,
+    RefreshOutcome,
+    RefreshPolicy,
+    Secret,
+    SfrtrError,
+    TokenManager,
+)
+from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from sfrtr.store.etcd import EtcdStore
+from sfrtr.store.etcd_client import EtcdSettings
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class HookedOAuth(OAuthClient):
+    """Announces redemptions, and can freeze right before or right after one."""
+
+    def __init__(self, config: OAuthConfig, mode: str) -> None:
+        super().__init__(config)
+        self.mode = mode
+
+    async def refresh(self, refresh_token: Secret) -> RefreshOutcome:
+        say("EVENT redeeming")
+        if self.mode == "hold-before-redeem":
+            await asyncio.Event().wait()  # the test SIGKILLs us here
+        outcome = await super().refresh(refresh_token)
+        say(f"EVENT redeemed {outcome.kind.value}")
+        if self.mode == "hold-after-rotation":
+            await asyncio.Event().wait()  # rotated, not committed: SIGKILL lands here
+        return outcome
+
+
+async def storm(manager: TokenManager, customers: list[str], coroutines: int,
+                duration: float) -> dict[str, Any]:
+    calls = 0
+    failures: dict[str, int] = {}
+    connector = aiohttp.TCPConnector(limit=coroutines)
+    stop_at = time.monotonic() + duration
+
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async def get(creds: Any) -> int:
+            async with http.get(f"{creds.instance_url}/services/data/v67.0/limits",
+                                headers={"Authorization": f"Bearer {creds.access_token}"}) as r:
+                await r.read()
+                return r.status
+
+        async def one(i: int) -> None:
+            nonlocal calls
+            while time.monotonic() < stop_at:
+                customer = customers[i % len(customers)]
+                i += 1
+                try:
+                    creds = await manager.credentials(customer)
+                    status = await get(creds)
+                    if status == 401:
+                        creds = await manager.refresh(customer, stale=creds.access_token)
+                        status = await get(creds)
+                    if status != 200:
+                        failures[f"http_{status}"] = failures.get(f"http_{status}", 0) + 1
+                except (SfrtrError, aiohttp.ClientError) as exc:
+                    name = type(exc).__name__
+                    failures[name] = failures.get(name, 0) + 1
+                    await asyncio.sleep(0.05)
+                calls += 1
+
+        await asyncio.gather(*(one(i) for i in range(coroutines)))
+    return {"calls": calls, "failures": failures}
+
+
+async def main(args: argparse.Namespace) -> None:
+    store = EtcdStore(EtcdSettings(endpoints=[args.etcd]), namespace=args.namespace,
+                      lease_ttl=args.lease_ttl)
+    config = OAuthConfig(client_id=DEFAULT_CLIENT_ID, client_secret=Secret(DEFAULT_CLIENT_SECRET),
+                         login_url=args.login_url,
+                         instance_policy=InstanceUrlPolicy.for_emulator(),
+                         timeout=args.timeout, connect_timeout=min(1.0, args.timeout / 2))
+    oauth = HookedOAuth(config, args.mode)
+    manager = TokenManager(oauth, store, RefreshPolicy(
+        recovery=args.recovery, recovery_grace=args.grace, lease_margin=0.5,
+        wait_timeout=args.wait_timeout))
+    await store.start()
+    say("READY")
+    result: dict[str, Any] = {}
+    if args.mode == "storm":
+        result = await storm(manager, args.customers.split(","), args.coroutines, args.duration)
+    else:
+        customer = args.customers.split(",")[0]
+        try:
+            stale = await manager.token(customer)
+            creds = await manager.refresh(customer, stale=stale)
+            result = {"ok": True, "token_changed": creds.access_token != stale}
+        except SfrtrError as exc:
+            result = {"ok": False, "error": type(exc).__name__}
+    result["stats"] = vars(manager.stats)
+    result["redemptions"] = manager.stats.redemptions
+    await manager.aclose()
+    say(orjson.dumps(result).decode())
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--etcd", required=True)
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--login-url", required=True)
+    p.add_argument("--customers", required=True, help="comma-separated")
+    p.add_argument("--mode", default="storm",
+                   choices=["storm", "refresh", "hold-before-redeem", "hold-after-rotation"])
+    p.add_argument("--coroutines", type=int, default=10)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--lease-ttl", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=1.2)
+    p.add_argument("--recovery", default="fail_closed")
+    p.add_argument("--grace", type=float, default=None)
+    p.add_argument("--wait-timeout", type=float, default=60.0)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse()))
