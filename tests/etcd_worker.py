@@ -48,14 +48,14 @@ class HookedOAuth(OAuthClient):
         if self.mode == "hold-before-redeem":
             await asyncio.Event().wait()  # the test SIGKILLs us here
         outcome = await super().refresh(refresh_token)
-        say(f"EVENT redeemed {outcome.kind.value}")
+        say(f"EVENT redeemed {outcome.kind.value} {outcome.error}")
         if self.mode == "hold-after-rotation":
             await asyncio.Event().wait()  # rotated, not committed: SIGKILL lands here
         return outcome
 
 
 async def storm(manager: TokenManager, customers: list[str], coroutines: int,
-                duration: float) -> dict[str, Any]:
+                duration: float, pause: float) -> dict[str, Any]:
     calls = 0
     failures: dict[str, int] = {}
     connector = aiohttp.TCPConnector(limit=coroutines)
@@ -86,6 +86,8 @@ async def storm(manager: TokenManager, customers: list[str], coroutines: int,
                     failures[name] = failures.get(name, 0) + 1
                     await asyncio.sleep(0.05)
                 calls += 1
+                if pause:
+                    await asyncio.sleep(pause)
 
         await asyncio.gather(*(one(i) for i in range(coroutines)))
     return {"calls": calls, "failures": failures}
@@ -106,7 +108,8 @@ async def main(args: argparse.Namespace) -> None:
     say("READY")
     result: dict[str, Any] = {}
     if args.mode == "storm":
-        result = await storm(manager, args.customers.split(","), args.coroutines, args.duration)
+        result = await storm(manager, args.customers.split(","), args.coroutines, args.duration,
+                             args.pause)
     else:
         customer = args.customers.split(",")[0]
         try:
@@ -131,6 +134,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=["storm", "refresh", "hold-before-redeem", "hold-after-rotation"])
     p.add_argument("--coroutines", type=int, default=10)
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--pause", type=float, default=0.0, help="seconds between a coroutine's calls")
     p.add_argument("--lease-ttl", type=int, default=3)
     p.add_argument("--timeout", type=float, default=1.2)
     p.add_argument("--recovery", default="fail_closed")

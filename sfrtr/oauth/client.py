@@ -34,6 +34,8 @@ log = logging.getLogger("sfrtr.oauth")
 
 BUSY_MARKER = "already being processed"
 MAX_ANSWER_BYTES = 64 * 1024
+HEAD_GRACE = 0.25
+"""Seconds past the deadline for an answer that may already sit in the socket buffer."""
 ANSWER_GRACE = 2.0
 """Seconds granted past the deadline to an answer whose head has arrived."""
 
@@ -143,8 +145,10 @@ class OAuthClient:
         try:
             done, _ = await asyncio.wait({exchange}, timeout=self.config.timeout)
             if not done:
-                for _ in range(3):  # let I/O that woke with the timer run first
-                    await asyncio.sleep(0)
+                # A process that was paused wakes with the timer and the answer
+                # both ready; give the answer a moment to be parsed first.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(answered.wait(), HEAD_GRACE)
                 if answered.is_set() and not exchange.done():
                     await asyncio.wait({exchange}, timeout=ANSWER_GRACE)
             if not exchange.done():

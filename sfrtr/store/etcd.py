@@ -97,6 +97,7 @@ class EtcdStore:
         self._subscribers: list[Subscriber] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._start_lock = asyncio.Lock()
+        self._grant_lock = asyncio.Lock()
         self._started = False
         self._closed = False
 
@@ -213,7 +214,8 @@ class EtcdStore:
                 if ttl is None:
                     return
                 if ttl <= 0:
-                    self._lose_lease("keepalive answered without a TTL")
+                    if lease_id == self._lease_id:
+                        self._lose_lease("keepalive answered without a TTL")
                     return
                 if lease_id == self._lease_id:
                     self._lease_deadline = sent + ttl
@@ -221,10 +223,15 @@ class EtcdStore:
         finally:
             stream.close()
 
-    def _lease_for_write(self) -> int:
-        if self._lease_id is None or self.lease_remaining() == 0:
-            raise LeaseLost("this process holds no live etcd lease")
-        return self._lease_id
+    async def _live_lease(self) -> int:
+        """The lease to bind a new lock to: the current one if it has time left,
+        else a fresh grant (a process that was paused comes back without one)."""
+        async with self._grant_lock:
+            if self._lease_id is None or self.lease_remaining() == 0:
+                self._lose_lease("deadline passed")
+                await self._grant()
+            assert self._lease_id is not None
+            return self._lease_id
 
     # -- the mirror and the watch --------------------------------------------
 
@@ -365,7 +372,7 @@ class EtcdStore:
         current = self._mirror.get(customer)
         if current is None or current.record is None:
             return None
-        lease = self._lease_for_write()
+        lease = await self._live_lease()
         intent = Intent(intent.worker, intent.refresh_fingerprint, intent.started_at, lease)
         # The record body comes from the version we compare against: if the
         # compare holds, this is exactly the record at expected_version.
