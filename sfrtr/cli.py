@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import sys
 
+from sfrtr import admin
 from sfrtr.demo import DemoConfig, main_demo
 from sfrtr.emulator import __main__ as emulator_main
+from sfrtr.errors import SfrtrError
 
 
 def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
@@ -29,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="expire every session this often, seconds")
     demo.add_argument("--naive", action="store_true",
                       help="refresh without any coordination, to see reuse happen")
+    etcd_options = argparse.ArgumentParser(add_help=False)
+    etcd_options.add_argument("--etcd", action="append", required=True, metavar="HOST:PORT",
+                              help="an etcd endpoint (repeat for several)")
+    etcd_options.add_argument("--namespace", default="sfrtr")
+    sub.add_parser("status", parents=[etcd_options],
+                   help="list customers and their grant status (never token values)")
+    clear = sub.add_parser("clear", parents=[etcd_options],
+                           help="delete a reauth_required record after re-authorization")
+    clear.add_argument("customer")
+    clear.add_argument("--force", action="store_true",
+                       help="clear even a record that is not reauth_required")
     emu = sub.add_parser("emulator", help="serve the Salesforce emulator",
                          parents=[emulator_main.build_parser()], add_help=False)
     emu.set_defaults(command="emulator")
@@ -43,8 +58,41 @@ def main(argv: list[str] | None = None) -> int:
         return main_demo(DemoConfig(customers=args.customers, concurrency=args.concurrency,
                                     duration=args.duration, expire_every=args.expire_every,
                                     naive=args.naive))
+    if args.command in ("status", "clear"):
+        return asyncio.run(_operate(args))
     emulator_main.serve(args)
     return 0
+
+
+async def _operate(args: argparse.Namespace) -> int:
+    from sfrtr.store.etcd import EtcdStore
+    from sfrtr.store.etcd_client import EtcdSettings
+
+    store = EtcdStore(EtcdSettings(endpoints=args.etcd), namespace=args.namespace)
+    try:
+        if args.command == "status":
+            rows = await admin.list_status(store)
+            print(f"{'customer':<32} {'status':<16} {'gen':>5} {'locked':<6} "
+                  f"{'refresh':<12} reason")
+            for row in rows:
+                print(f"{row.customer:<32} {row.status.value:<16} {row.generation:>5} "
+                      f"{'yes' if row.locked else 'no':<6} {row.refresh_fingerprint:<12} "
+                      f"{row.reason}")
+            print(f"{len(rows)} customer(s)")
+            return 0
+        try:
+            cleared = await admin.clear(store, args.customer, force=args.force)
+        except admin.RefusedToClear as exc:
+            print(f"refused: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.customer}: " + ("nothing stored" if cleared is None
+                                      else f"cleared ({cleared.value})"))
+        return 0
+    except SfrtrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await store.aclose()
 
 
 if __name__ == "__main__":

@@ -278,6 +278,11 @@ class EtcdClient:
             key=key, range_end=end, keys_only=keys_only))
         return reply.header.revision, [_kv(kv) for kv in reply.kvs]
 
+    async def compact(self, revision: int) -> None:
+        """Discard history before ``revision`` (operators do this; tests too)."""
+        await self._unary("_kv", "Compact", rpc.CompactionRequest(revision=revision,
+                                                                 physical=True))
+
     # -- leases --------------------------------------------------------------
 
     async def grant(self, ttl: int) -> tuple[int, int]:
