@@ -115,7 +115,7 @@ class EtcdSettings:
     endpoints: Sequence[str] = ("127.0.0.1:2379",)
     """``host:port`` of each member; calls fail over to the next on UNAVAILABLE."""
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     ca_file: str | None = None
     """CA bundle for TLS; TLS is on when any of the three files is given."""
     cert_file: str | None = None
