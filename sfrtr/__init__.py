@@ -7,6 +7,8 @@ coroutine, process and host, and that a rotated token is never silently lost.
 The public API is what this module exports; everything else is private.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from sfrtr.errors import (
     ConfigurationError,
     CoordinationTimeout,
@@ -36,12 +38,31 @@ from sfrtr.secret import Secret, fingerprint
 from sfrtr.singleflight import Singleflight
 from sfrtr.store import MemoryStore, TokenStore
 
+if TYPE_CHECKING:
+    from sfrtr.store.etcd import EtcdStore
+    from sfrtr.store.etcd_client import EtcdSettings
+
 __version__ = "0.1.0"
+
+_LAZY = {"EtcdStore": "sfrtr.store.etcd", "EtcdSettings": "sfrtr.store.etcd_client"}
+
+
+def __getattr__(name: str) -> Any:
+    # The etcd store needs the ``etcd`` extra (aetcd, grpcio); import it only
+    # when asked for, so ``import sfrtr`` works without it.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sfrtr' has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigurationError",
     "CoordinationTimeout",
     "Credentials",
+    "EtcdSettings",
+    "EtcdStore",
     "InstanceUrlPolicy",
     "Intent",
     "Introspection",
