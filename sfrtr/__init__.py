@@ -9,6 +9,25 @@ The public API is what this module exports; everything else is private.
 
 from typing import TYPE_CHECKING, Any
 
+from sfrtr.api_errors import (
+    InvalidField,
+    InvalidResponse,
+    MalformedQuery,
+    NotFound,
+    RequestLimitExceeded,
+    SalesforceError,
+    ServerUnavailable,
+    SessionExpired,
+)
+from sfrtr.client import (
+    DEFAULT_API_VERSION,
+    Client,
+    LimitInfo,
+    QueryResult,
+    Response,
+    RetryPolicy,
+    UpsertResult,
+)
 from sfrtr.errors import (
     ConfigurationError,
     CoordinationTimeout,
@@ -58,6 +77,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DEFAULT_API_VERSION",
+    "Client",
     "ConfigurationError",
     "CoordinationTimeout",
     "Credentials",
@@ -66,21 +87,33 @@ __all__ = [
     "InstanceUrlPolicy",
     "Intent",
     "Introspection",
+    "InvalidField",
+    "InvalidResponse",
     "InvalidTokenResponse",
     "LeaseLost",
+    "LimitInfo",
+    "MalformedQuery",
     "ManagerStats",
     "MemoryStore",
     "NotConnected",
+    "NotFound",
     "OAuthClient",
     "OAuthConfig",
     "OAuthError",
     "OutcomeKind",
+    "QueryResult",
     "ReauthorizationRequired",
     "RecoveryMode",
     "RefreshIndeterminate",
     "RefreshOutcome",
     "RefreshPolicy",
+    "RequestLimitExceeded",
+    "Response",
+    "RetryPolicy",
+    "SalesforceError",
     "Secret",
+    "ServerUnavailable",
+    "SessionExpired",
     "SfrtrError",
     "Singleflight",
     "Status",
@@ -90,6 +123,7 @@ __all__ = [
     "TokenManager",
     "TokenRecord",
     "TokenStore",
+    "UpsertResult",
     "Versioned",
     "__version__",
     "fingerprint",

@@ -242,6 +242,8 @@ def dispatch(em: Emulator, org: Org, method: str, version: str, tail: str,
             return _query(em, org, version, params, all_rows=head == "queryAll", batch=batch)
         if head == "sobjects":
             return _sobjects(org.data, method, rest, params, body, version)
+        if head == "search" and method == "GET" and not rest:
+            return _search(org, params.get("q", ""))
         if head == "limits" and method == "GET" and not rest:
             return Answer(200, _limits(org))
         if head == "composite" and method == "POST" and not rest:
@@ -253,6 +255,26 @@ def dispatch(em: Emulator, org: Org, method: str, version: str, tail: str,
         return Answer(exc.status, [item])
     return Answer(404, [{"message": "The requested resource does not exist",
                          "errorCode": "NOT_FOUND"}])
+
+
+_SOSL = re.compile(r"^\s*FIND\s*\{([^}]+)\}\s*(?:IN\s+ALL\s+FIELDS\s*)?RETURNING\s+"
+                   r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:\(([^)]*)\))?\s*$", re.IGNORECASE)
+
+
+def _search(org: Org, sosl: str) -> Answer:
+    """A SOSL subset: ``FIND {text} [IN ALL FIELDS] RETURNING Object[(fields)]``."""
+    m = _SOSL.match(sosl)
+    if m is None:
+        return Answer(400, [{"message": "unsupported or malformed search",
+                             "errorCode": "MALFORMED_SEARCH"}])
+    needle, type_name, field_list = m.group(1).strip().lower(), m.group(2), m.group(3)
+    sobject = org.data.sobject(type_name)
+    names = [sobject.field_name(f.strip()) for f in field_list.split(",")] if field_list \
+        else ["Id"]
+    hits = [org.data.shaped(sobject, row, names) for row in sobject.rows.values()
+            if not row["IsDeleted"] and any(isinstance(v, str) and needle in v.lower()
+                                            for v in row.values())]
+    return Answer(200, {"searchRecords": hits})
 
 
 def _substitute(value: Any, results: dict[str, Any]) -> Any:

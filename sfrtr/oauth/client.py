@@ -117,7 +117,10 @@ class OAuthClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            # One pool for token and API calls. aiohttp's default cap of 100
+            # connections queues requests unfairly under load; allow more.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0))
             self._owns_session = True
         return self._session
 
