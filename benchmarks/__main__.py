@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from benchmarks import hot_path, report, storm
+from benchmarks import hot_path, query_overhead, report, storm
 
 
 def main() -> None:
@@ -23,6 +23,12 @@ def main() -> None:
     row = asyncio.run(storm.singleflight_storm(**sf))
     print(report.table("Singleflight storm: one expired customer", [row]), "\n")
     report.write("singleflight_storm", sf, [row])
+
+    qo = {"calls": 200 if quick else 4000, "concurrency": 10 if quick else 50,
+          "rounds": 1 if quick else 4}
+    rows = asyncio.run(query_overhead.run(**qo))
+    print(report.table("Query overhead: same emulator, same session", rows), "\n")
+    report.write("query_overhead", qo, rows)
 
     mc = {"customers": 200 if quick else 10_000}
     row = asyncio.run(storm.many_customer_storm(**mc))

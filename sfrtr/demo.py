@@ -1,7 +1,7 @@
 """``sfrtr demo``: a refresh storm against the emulator, with and without sfrtr.
 
 Starts the emulator in-process, connects N customers, and runs M coroutines
-that call the REST API for a while as the emulator expires every session
+that call the REST API (``client.query()``) for a while as the emulator expires every session
 every few seconds. Each 401 asks for a newer token. With sfrtr, each expiry
 costs one redemption per customer and nobody is revoked; ``--naive`` does
 what an unprotected worker pool does (every coroutine that sees a 401
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from sfrtr.client import Client
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
 from sfrtr.errors import SfrtrError
 from sfrtr.manager import Credentials, TokenManager
@@ -92,12 +93,15 @@ async def _worker(http: aiohttp.ClientSession, tokens: TokenManager | _NaiveToke
         i += 1
         started = time.perf_counter()
         try:
-            creds = await tokens.credentials(customer)
-            try:
-                await _query(http, creds)
-            except SessionExpired:
-                creds = await tokens.refresh(customer, stale=creds.access_token)
-                await _query(http, creds)
+            if isinstance(tokens, TokenManager):
+                await Client(customer, tokens, session=http).query(SOQL)
+            else:  # what an application without sfrtr writes
+                creds = await tokens.credentials(customer)
+                try:
+                    await _query(http, creds)
+                except SessionExpired:
+                    creds = await tokens.refresh(customer, stale=creds.access_token)
+                    await _query(http, creds)
             tally.latencies.append(time.perf_counter() - started)
         except (SfrtrError, SessionExpired, aiohttp.ClientError) as exc:
             tally.errors += 1
