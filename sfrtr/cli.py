@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="expire every session this often, seconds")
     demo.add_argument("--naive", action="store_true",
                       help="refresh without any coordination, to see reuse happen")
+    demo.add_argument("--processes", type=_positive(int), default=None,
+                      help="run the load from this many processes on the etcd store")
+    demo.add_argument("--etcd", metavar="HOST:PORT", default=None,
+                      help="etcd to use with --processes (default: start a local one)")
     etcd_options = argparse.ArgumentParser(add_help=False)
     etcd_options.add_argument("--etcd", action="append", required=True, metavar="HOST:PORT",
                               help="an etcd endpoint (repeat for several)")
@@ -54,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+    if args.command == "demo" and args.processes:
+        if args.naive:
+            build_parser().error("--naive runs in one process; drop --processes")
+        from sfrtr.demo_processes import run_processes
+
+        figures = asyncio.run(run_processes(
+            DemoConfig(customers=args.customers, concurrency=args.concurrency,
+                       duration=args.duration, expire_every=args.expire_every),
+            args.processes, args.etcd))
+        return 0 if figures["reuse"] == 0 and figures["revocations"] == 0 else 1
     if args.command == "demo":
         return main_demo(DemoConfig(customers=args.customers, concurrency=args.concurrency,
                                     duration=args.duration, expire_every=args.expire_every,

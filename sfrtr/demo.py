@@ -140,22 +140,37 @@ async def run_demo(config: DemoConfig, *, out: Callable[[str], object] = print
         stop_at = started + config.duration
         workers = [asyncio.create_task(_worker(http, tokens, customers, i, stop_at, tally))
                    for i in range(config.concurrency)]
-        expiries = 0
-        next_expiry = started + config.expire_every
-        while time.monotonic() < stop_at:
-            await asyncio.sleep(min(0.5, max(0.0, stop_at - time.monotonic())))
-            if time.monotonic() >= next_expiry and time.monotonic() < stop_at:
-                emulator.expire_sessions()
-                expiries += 1
-                next_expiry += config.expire_every
-            _progress(out, tally, emulator, time.monotonic() - started)
+        expiries = await _expire_until(emulator, config, started, stop_at,
+                                       lambda t: _progress(out, tally, emulator, t))
         await asyncio.gather(*workers)
         elapsed = time.monotonic() - started
         if isinstance(tokens, TokenManager):
             await tokens.wait_idle()
+    figures = _figures(tally, emulator, expiries, elapsed)
+    _report(out, "naive (no lock)" if config.naive else "sfrtr", config, figures, tally)
+    return figures
+
+
+async def _expire_until(emulator: Emulator, config: DemoConfig, started: float,
+                        stop_at: float, progress: Callable[[float], None]) -> int:
+    """Expire every session every ``expire_every`` seconds until ``stop_at``."""
+    expiries = 0
+    next_expiry = started + config.expire_every
+    while time.monotonic() < stop_at:
+        await asyncio.sleep(min(0.5, max(0.0, stop_at - time.monotonic())))
+        if next_expiry <= time.monotonic() < stop_at:
+            emulator.expire_sessions()
+            expiries += 1
+            next_expiry += config.expire_every
+        progress(time.monotonic() - started)
+    return expiries
+
+
+def _figures(tally: Tally, emulator: Emulator, expiries: int,
+             elapsed: float) -> dict[str, float]:
     lat = sorted(tally.latencies) or [0.0]
     ledger = emulator.ledger
-    figures = {
+    return {
         "calls": tally.calls,
         "failed calls": tally.errors,
         "session expiries": expiries,
@@ -167,11 +182,14 @@ async def run_demo(config: DemoConfig, *, out: Callable[[str], object] = print
         "p99 latency ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
         "calls/s": tally.calls / elapsed,
     }
-    _table(out, "naive (no lock)" if config.naive else "sfrtr", config, figures)
+
+
+def _report(out: Callable[[str], object], title: str, config: DemoConfig,
+            figures: dict[str, float], tally: Tally) -> None:
+    _table(out, title, config, figures)
     if tally.kinds:
         out("  failures by cause: " + ", ".join(f"{k} {v:,}" for k, v in
                                                sorted(tally.kinds.items())))
-    return figures
 
 
 def _progress(out: Callable[[str], object], tally: Tally, em: Emulator, t: float) -> None:

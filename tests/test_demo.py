@@ -38,3 +38,17 @@ def test_cli_rejects_nonsense():
     args = parser.parse_args(["demo", "--naive", "--duration", "3"])
     assert args.naive
     assert args.duration == 3.0
+
+
+async def test_demo_across_processes_on_a_local_etcd():
+    from sfrtr.demo_processes import run_processes
+
+    lines: list[str] = []
+    figures = await run_processes(DemoConfig(customers=5, concurrency=20, duration=3.5,
+                                             expire_every=1.0), 2, None, out=lines.append)
+    assert any("started a local etcd" in line for line in lines)
+    assert figures["session expiries"] == 3
+    assert figures["redemptions"] == 5 * 3
+    assert figures["reuse"] == 0
+    assert figures["revocations"] == 0
+    assert figures["failed calls"] == 0
