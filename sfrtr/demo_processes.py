@@ -28,7 +28,6 @@ from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings
 from sfrtr.store.etcd_launcher import LocalEtcd
 
-
 _REPORT_LIMIT = 256 * 1024 * 1024
 """A worker's report is one JSON line with every latency in it."""
 
