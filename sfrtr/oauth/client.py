@@ -67,6 +67,9 @@ class OAuthConfig:
     timeout: float = 10.0
     """Seconds for a whole token request. Also bounds a refresh's critical section."""
     connect_timeout: float = 5.0
+    max_concurrent: int = 64
+    """Token-endpoint requests in flight at once; more wait their turn before
+    sending (a storm of refreshes must not become a storm of TCP connects)."""
     proxy: str | None = None
     """Outbound HTTP(S) proxy URL for token and API requests."""
     proxy_auth: tuple[str, Secret] | None = None
@@ -79,6 +82,8 @@ class OAuthConfig:
             raise ConfigurationError("client_secret must be wrapped in sfrtr.Secret")
         if not self.login_url.startswith(("https://", "http://")):
             raise ConfigurationError("login_url must be an http(s) URL")
+        if self.max_concurrent < 1:
+            raise ConfigurationError("max_concurrent must be at least 1")
         if self.connect_timeout >= self.timeout:
             raise ConfigurationError("connect_timeout must be shorter than timeout")
 
@@ -113,6 +118,7 @@ class OAuthClient:
         # Only the connect phase is aiohttp's to time out (a connect timeout
         # means nothing was sent); the whole exchange is bounded in _post.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout)
+        self._slots: asyncio.Semaphore | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -143,6 +149,12 @@ class OAuthClient:
         wakes with both the answer and the expired timer ready). If the
         answer's head arrived, the body gets ``ANSWER_GRACE`` more seconds.
         """
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_concurrent)
+        async with self._slots:  # waiting here sends nothing and starts no deadline
+            return await self._post_now(url, form)
+
+    async def _post_now(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
         answered = asyncio.Event()
         exchange = asyncio.ensure_future(self._exchange(url, form, answered))
         try:
