@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from benchmarks import hot_path, query_overhead, report, storm
+from benchmarks import hot_path, memory, query_overhead, report, storm
 
 
 def main() -> None:
@@ -29,6 +29,11 @@ def main() -> None:
     rows = asyncio.run(query_overhead.run(**qo))
     print(report.table("Query overhead: same emulator, same session", rows), "\n")
     report.write("query_overhead", qo, rows)
+
+    mem = {"customers": 2_000 if quick else 100_000}
+    rows = asyncio.run(memory.run(**mem))
+    print(report.table("Memory per customer (tracemalloc)", rows), "\n")
+    report.write("memory", mem, rows)
 
     mc = {"customers": 200 if quick else 10_000}
     row = asyncio.run(storm.many_customer_storm(**mc))
