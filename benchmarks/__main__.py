@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from benchmarks import hot_path, memory, query_overhead, report, storm
+from benchmarks import cross_process, hot_path, memory, query_overhead, report, storm
 
 
 def main() -> None:
@@ -29,6 +29,12 @@ def main() -> None:
     rows = asyncio.run(query_overhead.run(**qo))
     print(report.table("Query overhead: same emulator, same session", rows), "\n")
     report.write("query_overhead", qo, rows)
+
+    xp = {"processes": (1, 2) if quick else (1, 2, 4, 8), "coroutines": 5 if quick else 50,
+          "customers": 3 if quick else 20}
+    rows = asyncio.run(cross_process.run(**xp))
+    print(report.table("Cross-process storm on etcd (and an in-process lock only)", rows), "\n")
+    report.write("cross_process", xp, rows)
 
     mem = {"customers": 2_000 if quick else 100_000}
     rows = asyncio.run(memory.run(**mem))

@@ -1,0 +1,149 @@
+"""Cross-process storm on a real etcd, and the in-process-lock anti-pattern beside it.
+
+P worker processes x C coroutines x K customers. Every session expires at
+once; then every coroutine of every process reports a 401 for every
+customer. sfrtr must redeem exactly K refresh tokens. "local lock" is what
+a team gets from an in-process singleflight alone: each process has its own
+memory store holding the same grants, so each process redeems.
+
+Workers: ``python -m benchmarks.cross_process --worker ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from sfrtr import (
+    InstanceUrlPolicy,
+    MemoryStore,
+    OAuthClient,
+    OAuthConfig,
+    RefreshPolicy,
+    Secret,
+    SfrtrError,
+    TokenManager,
+)
+from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
+from sfrtr.oauth.grant import parse_grant
+from sfrtr.records import TokenRecord
+from sfrtr.store.etcd import EtcdStore
+from sfrtr.store.etcd_client import EtcdSettings
+from sfrtr.store.etcd_launcher import LocalEtcd
+
+
+def _oauth(login_url: str) -> OAuthClient:
+    return OAuthClient(OAuthConfig(client_id=DEFAULT_CLIENT_ID,
+                                   client_secret=Secret(DEFAULT_CLIENT_SECRET),
+                                   login_url=login_url,
+                                   instance_policy=InstanceUrlPolicy.for_emulator()))
+
+
+async def _work(args: argparse.Namespace) -> None:
+    customers = [f"c{i}" for i in range(args.customers)]
+    if args.variant == "sfrtr":
+        store: Any = EtcdStore(EtcdSettings(endpoints=[args.etcd]), namespace=args.namespace)
+    else:
+        store = MemoryStore()
+    manager = TokenManager(_oauth(args.login_url), store, RefreshPolicy(busy_backoff=0.05))
+    if args.variant == "local-lock":
+        for line in sys.stdin.readline().split("\t"):
+            name, _, raw = line.partition(" ")
+            await store.put(name, TokenRecord.from_dict(orjson.loads(raw)))
+    stale = {c: await manager.token(c) for c in customers}
+    print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # GO
+    trips0 = getattr(store, "client", None) and store.client.round_trips
+    started = time.perf_counter()
+    results = await asyncio.gather(*(manager.refresh(c, stale=stale[c]) for c in customers
+                                     for _ in range(args.coroutines)), return_exceptions=True)
+    wall = time.perf_counter() - started
+    failed = sum(isinstance(r, SfrtrError) for r in results)
+    trips = (store.client.round_trips - trips0) if args.variant == "sfrtr" else 0
+    await manager.aclose()
+    print(orjson.dumps({"wall": wall, "failed": failed, "round_trips": trips}).decode(),
+          flush=True)
+
+
+async def one(variant: str, processes: int, coroutines: int, customers: int,
+              etcd: LocalEtcd) -> dict[str, Any]:
+    em = Emulator(api_limit=10**9)
+    em.faults.set("token", latency=0.05)
+    namespace = f"bench/{uuid.uuid4().hex[:8]}"
+    names = [f"c{i}" for i in range(customers)]
+    async with em.serve() as base:
+        policy = InstanceUrlPolicy.for_emulator()
+        seed_lines = []
+        setup = TokenManager(_oauth(base), EtcdStore(EtcdSettings(endpoints=[etcd.endpoint]),
+                                                     namespace=namespace))
+        for c in names:
+            grant = parse_grant(em.grant(c), policy=policy,
+                                client_secret=Secret(DEFAULT_CLIENT_SECRET))
+            record = await setup.connect(c, grant)
+            seed_lines.append(f"{c} {orjson.dumps(record.to_dict()).decode()}")
+        await setup.aclose()
+        workers = [await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.cross_process", "--worker", "--variant", variant,
+            "--etcd", etcd.endpoint, "--namespace", namespace, "--login-url", base,
+            "--customers", str(customers), "--coroutines", str(coroutines),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            for _ in range(processes)]
+        for w in workers:
+            assert w.stdin is not None
+            assert w.stdout is not None
+            if variant == "local-lock":
+                w.stdin.write(("\t".join(seed_lines) + "\n").encode())
+            assert (await w.stdout.readline()).strip() == b"READY"
+        em.expire_sessions()
+        started = time.perf_counter()
+        for w in workers:
+            assert w.stdin is not None
+            w.stdin.write(b"GO\n")
+            await w.stdin.drain()
+        reports = []
+        for w in workers:
+            assert w.stdout is not None
+            reports.append(orjson.loads(await w.stdout.readline()))
+            await w.wait()
+        wall = time.perf_counter() - started
+    redemptions = em.ledger["redemptions"]
+    return {"variant": variant, "processes": processes, "coroutines": coroutines,
+            "customers": customers, "redemptions": redemptions, "reuse": em.ledger["reuse"],
+            "revocations": em.ledger["revocations"],
+            "failed calls": sum(r["failed"] for r in reports), "wall ms": wall * 1000,
+            "etcd round trips/refresh":
+                sum(r["round_trips"] for r in reports) / max(1, redemptions)
+                if variant == "sfrtr" else "-"}
+
+
+async def run(processes: tuple[int, ...] = (1, 2, 4, 8), coroutines: int = 50,
+              customers: int = 20) -> list[dict[str, Any]]:
+    rows = []
+    with LocalEtcd() as etcd:
+        for p in processes:
+            rows.append(await one("sfrtr", p, coroutines, customers, etcd))
+        for p in processes[1:]:
+            rows.append(await one("local-lock", p, coroutines, customers, etcd))
+    return rows
+
+
+def _worker_main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", action="store_true", required=True)
+    p.add_argument("--variant", choices=["sfrtr", "local-lock"], required=True)
+    p.add_argument("--etcd", required=True)
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--login-url", required=True)
+    p.add_argument("--customers", type=int, required=True)
+    p.add_argument("--coroutines", type=int, required=True)
+    asyncio.run(_work(p.parse_args()))
+
+
+if __name__ == "__main__":
+    _worker_main()
