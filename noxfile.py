@@ -29,6 +29,6 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmark suite: prints tables, writes JSON under benchmarks/results/."""
-    session.install("-e", ".[test]")
+    """The benchmark suite: prints tables, writes JSON and a PNG under benchmarks/results/."""
+    session.install("-e", ".[test,plot]")
     session.run("python", "-m", "benchmarks", *session.posargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from benchmarks import cross_process, hot_path, memory, query_overhead, report, storm
+from benchmarks import chart, cross_process, hot_path, memory, query_overhead, report, storm
 
 
 def main() -> None:
@@ -35,6 +35,8 @@ def main() -> None:
     rows = asyncio.run(cross_process.run(**xp))
     print(report.table("Cross-process storm on etcd (and an in-process lock only)", rows), "\n")
     report.write("cross_process", xp, rows)
+    png = chart.storm_chart(rows, report.RESULTS / "storm.png")
+    print(f"chart: {png}" if png else "chart skipped: pip install 'sfrtr[plot]'", "\n")
 
     mem = {"customers": 2_000 if quick else 100_000}
     rows = asyncio.run(memory.run(**mem))

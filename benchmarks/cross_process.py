@@ -2,9 +2,11 @@
 
 P worker processes x C coroutines x K customers. Every session expires at
 once; then every coroutine of every process reports a 401 for every
-customer. sfrtr must redeem exactly K refresh tokens. "local lock" is what
-a team gets from an in-process singleflight alone: each process has its own
-memory store holding the same grants, so each process redeems.
+customer. sfrtr must redeem exactly K refresh tokens. Beside it, under the
+same load: "local-lock" (an in-process singleflight alone: each process has
+its own memory store with the same grants), "no-lock" (every coroutine that
+sees a 401 redeems), and "setnx-ttl" (a set-if-absent lock with a 1 s TTL and
+no fencing, under a 1.5 s provider: the lock expires mid-call).
 
 Workers: ``python -m benchmarks.cross_process --worker ...``.
 """
@@ -34,7 +36,7 @@ from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
 from sfrtr.oauth.grant import parse_grant
 from sfrtr.records import TokenRecord
 from sfrtr.store.etcd import EtcdStore
-from sfrtr.store.etcd_client import EtcdSettings
+from sfrtr.store.etcd_client import EtcdClient, EtcdSettings, compare, delete, put
 from sfrtr.store.etcd_launcher import LocalEtcd
 
 
@@ -45,8 +47,85 @@ def _oauth(login_url: str) -> OAuthClient:
                                    instance_policy=InstanceUrlPolicy.for_emulator()))
 
 
+async def _no_lock(oauth: OAuthClient, records: dict[str, TokenRecord], customers: list[str],
+                   coroutines: int) -> int:
+    """Every coroutine that sees a 401 redeems whatever refresh token it last read."""
+    failed = 0
+
+    async def one(c: str) -> None:
+        nonlocal failed
+        outcome = await oauth.refresh(records[c].refresh_token)
+        if outcome.grant is None or outcome.grant.refresh_token is None:
+            failed += 1
+            return
+        records[c] = records[c].replace(refresh_token=outcome.grant.refresh_token)
+
+    await asyncio.gather(*(one(c) for c in customers for _ in range(coroutines)))
+    return failed
+
+
+async def _setnx(oauth: OAuthClient, args: argparse.Namespace, customers: list[str]) -> int:
+    """A set-if-absent lock with a TTL and no fencing (what Nango does with Redis).
+
+    The lock expires while a slow provider call is in flight; the next process
+    then redeems the same refresh token.
+    """
+    client = EtcdClient(EtcdSettings(endpoints=[args.etcd]))
+    prefix = f"{args.namespace}/".encode()
+    failed = 0
+
+    async def one(c: str) -> None:
+        nonlocal failed
+        lock, tok = prefix + b"setnx/" + c.encode(), prefix + b"tok/" + c.encode()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            lease, _ = await client.grant(1)
+            got = await client.txn([compare(lock, "create", "==", 0)],
+                                   [put(lock, b"held", lease)], [])
+            if not got.succeeded:
+                await asyncio.sleep(0.05)
+                continue
+            _, kvs = await client.range(tok)
+            record = TokenRecord.from_dict(orjson.loads(kvs[0].value))
+            if record.generation > 0:  # someone already refreshed this round
+                await client.txn([], [delete(lock)])
+                return
+            outcome = await oauth.refresh(record.refresh_token)
+            if outcome.grant is None:
+                failed += 1
+            else:
+                new = record.replace(refresh_token=outcome.grant.refresh_token or
+                                     record.refresh_token, generation=record.generation + 1)
+                await client.txn([], [put(tok, orjson.dumps(new.to_dict()))])
+            await client.txn([], [delete(lock)])
+            return
+        failed += 1
+
+    await asyncio.gather(*(one(c) for c in customers))
+    await client.close()
+    return failed
+
+
 async def _work(args: argparse.Namespace) -> None:
     customers = [f"c{i}" for i in range(args.customers)]
+    if args.variant in ("no-lock", "setnx-ttl"):
+        oauth = _oauth(args.login_url)
+        records = {}
+        for line in sys.stdin.readline().split("\t"):
+            name, _, raw = line.partition(" ")
+            records[name] = TokenRecord.from_dict(orjson.loads(raw))
+        print("READY", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # GO
+        started = time.perf_counter()
+        if args.variant == "no-lock":
+            failed = await _no_lock(oauth, records, customers, args.coroutines)
+        else:
+            failed = await _setnx(oauth, args, customers)
+        wall = time.perf_counter() - started
+        await oauth.aclose()
+        print(orjson.dumps({"wall": wall, "failed": failed, "round_trips": 0}).decode(),
+              flush=True)
+        return
     if args.variant == "sfrtr":
         store: Any = EtcdStore(EtcdSettings(endpoints=[args.etcd]), namespace=args.namespace)
     else:
@@ -74,7 +153,8 @@ async def _work(args: argparse.Namespace) -> None:
 async def one(variant: str, processes: int, coroutines: int, customers: int,
               etcd: LocalEtcd) -> dict[str, Any]:
     em = Emulator(api_limit=10**9)
-    em.faults.set("token", latency=0.05)
+    # The set-if-absent lock is shown under a slow provider, longer than its TTL.
+    em.faults.set("token", latency=1.5 if variant == "setnx-ttl" else 0.05)
     namespace = f"bench/{uuid.uuid4().hex[:8]}"
     names = [f"c{i}" for i in range(customers)]
     async with em.serve() as base:
@@ -97,7 +177,7 @@ async def one(variant: str, processes: int, coroutines: int, customers: int,
         for w in workers:
             assert w.stdin is not None
             assert w.stdout is not None
-            if variant == "local-lock":
+            if variant != "sfrtr":
                 w.stdin.write(("\t".join(seed_lines) + "\n").encode())
             assert (await w.stdout.readline()).strip() == b"READY"
         em.expire_sessions()
@@ -128,15 +208,17 @@ async def run(processes: tuple[int, ...] = (1, 2, 4, 8), coroutines: int = 50,
     with LocalEtcd() as etcd:
         for p in processes:
             rows.append(await one("sfrtr", p, coroutines, customers, etcd))
-        for p in processes[1:]:
-            rows.append(await one("local-lock", p, coroutines, customers, etcd))
+        for variant in ("local-lock", "no-lock", "setnx-ttl"):
+            for p in processes[1:]:
+                rows.append(await one(variant, p, coroutines, customers, etcd))
     return rows
 
 
 def _worker_main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", action="store_true", required=True)
-    p.add_argument("--variant", choices=["sfrtr", "local-lock"], required=True)
+    p.add_argument("--variant", choices=["sfrtr", "local-lock", "no-lock", "setnx-ttl"],
+                   required=True)
     p.add_argument("--etcd", required=True)
     p.add_argument("--namespace", required=True)
     p.add_argument("--login-url", required=True)

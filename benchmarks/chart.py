@@ -1,0 +1,34 @@
+"""A PNG of storm wall time against process count, per variant (needs ``sfrtr[plot]``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def storm_chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Draw ``rows`` of the cross-process benchmark; ``None`` if matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        points = [(r["processes"], r["wall ms"], r["reuse"] + r["failed calls"] > 0)
+                  for r in rows if r["variant"] == variant]
+        ax.plot([p for p, _, _ in points], [w for _, w, _ in points], marker="o", label=variant)
+        for p, w, broken in points:
+            if broken:
+                ax.annotate("x", (p, w), color="red", ha="center", va="center", fontsize=14)
+    ax.set_xlabel("worker processes (50 coroutines x 20 customers each)")
+    ax.set_ylabel("storm wall time, ms")
+    ax.set_title("Refresh storm after every session expired (red x: failed calls or reuse)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
