@@ -167,3 +167,16 @@ async def test_watch_resumes_after_compaction(etcd_server, etcd_store, namespace
         assert after.record.generation == 4
     finally:
         await writer.aclose()
+
+
+async def test_a_record_created_elsewhere_is_found_before_the_watch_brings_it(
+        etcd_server, etcd_store, namespace):
+    writer = await other_store(etcd_server, namespace)
+    try:
+        for i in range(20):  # no sleep: read right after another process's write
+            await writer.put(f"new-{i}", RECORD)
+            got = await etcd_store.read(f"new-{i}")
+            assert got is not None
+            assert got.record == RECORD
+    finally:
+        await writer.aclose()

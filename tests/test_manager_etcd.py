@@ -143,20 +143,23 @@ async def test_lease_revoked_before_the_intent_never_calls_the_provider(
 async def test_orphan_of_a_dead_process_is_recovered_after_its_lease(emulator: Emulator,
                                                                      etcd_server, namespace):
     dead = await etcd_manager(emulator, etcd_server, namespace)
-    record = await dead.connect("acme", emulator_grant(emulator, "acme"))
-    current = await dead.store.read("acme")
-    assert await dead.store.acquire("acme", current.version, dead._intent(record))
-    # The process dies holding the lock: no commit, no release, no revoke.
-    for task in dead.store._tasks:  # type: ignore[attr-defined]
-        task.cancel()
-    await asyncio.gather(*dead.store._tasks, return_exceptions=True)  # type: ignore[attr-defined]
     survivor = await etcd_manager(emulator, etcd_server, namespace, recovery_grace=0.5)
-    started = time.monotonic()
-    with pytest.raises(RefreshIndeterminate):
-        await survivor.refresh("acme", stale=record.access_token.reveal())
-    took = time.monotonic() - started
-    assert 0.5 <= took < 3 + 0.5 + 2  # lease TTL + grace + slack
-    assert emulator.ledger["redemptions"] == 0
-    assert (await survivor.store.read("acme")).record.status is Status.REAUTH_REQUIRED
-    await survivor.aclose()
-    await dead.store.client.close()  # type: ignore[attr-defined]
+    try:
+        record = await dead.connect("acme", emulator_grant(emulator, "acme"))
+        current = await dead.store.read("acme")
+        assert await dead.store.acquire("acme", current.version, dead._intent(record))
+        # The process dies holding the lock: no commit, no release, no revoke.
+        tasks = dead.store._tasks  # type: ignore[attr-defined]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        started = time.monotonic()
+        with pytest.raises(RefreshIndeterminate):
+            await survivor.refresh("acme", stale=record.access_token.reveal())
+        took = time.monotonic() - started
+        assert 0.5 <= took < 3 + 0.5 + 2  # lease TTL + grace + slack
+        assert emulator.ledger["redemptions"] == 0
+        assert (await survivor.store.read("acme")).record.status is Status.REAUTH_REQUIRED
+    finally:
+        await survivor.aclose()
+        await dead.store.client.close()  # type: ignore[attr-defined]

@@ -355,7 +355,11 @@ class EtcdStore:
     async def read(self, customer: str) -> Versioned | None:
         await self._ensure()
         if self._synced:
-            return self._view(self._mirror.get(customer))
+            known = self._view(self._mirror.get(customer))
+            # A record the mirror holds is at worst stale, which a compare
+            # catches; one it lacks may be brand new and still on its way.
+            if known is not None:
+                return known
         result = await self.client.txn([], [get(self._tok(customer)), get(self._lock(customer))])
         return self._view(self._observe(customer, result.revision, *result.ranges))
 
