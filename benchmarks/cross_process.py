@@ -23,17 +23,14 @@ from typing import Any
 import orjson
 
 from sfrtr import (
-    InstanceUrlPolicy,
     MemoryStore,
     OAuthClient,
-    OAuthConfig,
     RefreshPolicy,
-    Secret,
     SfrtrError,
     TokenManager,
 )
-from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
-from sfrtr.oauth.grant import parse_grant
+from sfrtr.emulator import Emulator
+from sfrtr.emulator.sdk import oauth_config, token_grant
 from sfrtr.records import TokenRecord
 from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdClient, EtcdSettings, compare, delete, put
@@ -41,10 +38,7 @@ from sfrtr.store.etcd_launcher import LocalEtcd
 
 
 def _oauth(login_url: str) -> OAuthClient:
-    return OAuthClient(OAuthConfig(client_id=DEFAULT_CLIENT_ID,
-                                   client_secret=Secret(DEFAULT_CLIENT_SECRET),
-                                   login_url=login_url,
-                                   instance_policy=InstanceUrlPolicy.for_emulator()))
+    return OAuthClient(oauth_config(login_url))
 
 
 async def _no_lock(oauth: OAuthClient, records: dict[str, TokenRecord], customers: list[str],
@@ -158,14 +152,11 @@ async def one(variant: str, processes: int, coroutines: int, customers: int,
     namespace = f"bench/{uuid.uuid4().hex[:8]}"
     names = [f"c{i}" for i in range(customers)]
     async with em.serve() as base:
-        policy = InstanceUrlPolicy.for_emulator()
         seed_lines = []
         setup = TokenManager(_oauth(base), EtcdStore(EtcdSettings(endpoints=[etcd.endpoint]),
                                                      namespace=namespace))
         for c in names:
-            grant = parse_grant(em.grant(c), policy=policy,
-                                client_secret=Secret(DEFAULT_CLIENT_SECRET))
-            record = await setup.connect(c, grant)
+            record = await setup.connect(c, token_grant(em, c))
             seed_lines.append(f"{c} {orjson.dumps(record.to_dict()).decode()}")
         await setup.aclose()
         workers = [await asyncio.create_subprocess_exec(

@@ -12,15 +12,12 @@ from typing import Any
 
 from sfrtr import (
     Client,
-    InstanceUrlPolicy,
     MemoryStore,
     OAuthClient,
-    OAuthConfig,
-    Secret,
     TokenManager,
 )
-from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
-from sfrtr.oauth.grant import parse_grant
+from sfrtr.emulator import Emulator
+from sfrtr.emulator.sdk import oauth_config, token_grant
 
 SOQL = "SELECT Id, Name FROM Account LIMIT 5"
 
@@ -28,13 +25,9 @@ SOQL = "SELECT Id, Name FROM Account LIMIT 5"
 async def run(calls: int = 4000, concurrency: int = 50, rounds: int = 4) -> list[dict[str, Any]]:
     em = Emulator(api_limit=10**9)
     async with em.serve() as base:
-        policy = InstanceUrlPolicy.for_emulator()
-        oauth = OAuthClient(OAuthConfig(client_id=DEFAULT_CLIENT_ID,
-                                        client_secret=Secret(DEFAULT_CLIENT_SECRET),
-                                        login_url=base, instance_policy=policy))
+        oauth = OAuthClient(oauth_config(base))
         manager = TokenManager(oauth, MemoryStore())
-        grant = parse_grant(em.grant("acme"), policy=policy,
-                            client_secret=Secret(DEFAULT_CLIENT_SECRET))
+        grant = token_grant(em, "acme")
         await manager.connect("acme", grant)
         em.seed("acme", "Account", [{"Name": f"n{i}"} for i in range(5)])
         client = Client("acme", manager)

@@ -12,9 +12,9 @@ import resource
 import time
 from typing import Any
 
-from sfrtr import InstanceUrlPolicy, MemoryStore, OAuthClient, OAuthConfig, Secret, TokenManager
-from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
-from sfrtr.oauth.grant import parse_grant
+from sfrtr import MemoryStore, OAuthClient, TokenManager
+from sfrtr.emulator import Emulator
+from sfrtr.emulator.sdk import oauth_config, token_grant
 
 
 def _cpu() -> float:
@@ -23,14 +23,9 @@ def _cpu() -> float:
 
 
 async def _manager(em: Emulator, base: str, customers: list[str]) -> TokenManager:
-    policy = InstanceUrlPolicy.for_emulator()
-    oauth = OAuthClient(OAuthConfig(client_id=DEFAULT_CLIENT_ID,
-                                    client_secret=Secret(DEFAULT_CLIENT_SECRET),
-                                    login_url=base, instance_policy=policy))
-    manager = TokenManager(oauth, MemoryStore())
+    manager = TokenManager(OAuthClient(oauth_config(base)), MemoryStore())
     for c in customers:
-        grant = parse_grant(em.grant(c), policy=policy, client_secret=Secret(DEFAULT_CLIENT_SECRET))
-        record = await manager.connect(c, grant)
+        record = await manager.connect(c, token_grant(em, c))
         # Past its estimated expiry: the next token() must refresh.
         await manager.store.put(c, record.replace(expires_at=time.time() - 1))
     manager._cache.clear()

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from sfrtr.client import Client
-from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
+from sfrtr.emulator import Emulator
+from sfrtr.emulator.sdk import oauth_config, token_grant
 from sfrtr.errors import SfrtrError
 from sfrtr.manager import Credentials, TokenManager
-from sfrtr.oauth import InstanceUrlPolicy, OAuthClient, OAuthConfig, OutcomeKind
-from sfrtr.oauth.grant import parse_grant
+from sfrtr.oauth import OAuthClient, OutcomeKind
 from sfrtr.secret import Secret
 from sfrtr.store.memory import MemoryStore
 
@@ -119,16 +119,13 @@ async def run_demo(config: DemoConfig, *, out: Callable[[str], object] = print
     # and a request starved for seconds would straddle two session expiries.
     connector = aiohttp.TCPConnector(limit=config.concurrency)
     async with emulator.serve() as base_url, aiohttp.ClientSession(connector=connector) as http:
-        oauth = OAuthClient(OAuthConfig(
-            client_id=DEFAULT_CLIENT_ID, client_secret=Secret(DEFAULT_CLIENT_SECRET),
-            login_url=base_url, instance_policy=InstanceUrlPolicy.for_emulator()), http)
+        oauth = OAuthClient(oauth_config(base_url), http)
         customers = [f"customer-{i:03d}" for i in range(config.customers)]
         tokens: TokenManager | _NaiveTokens = (
             _NaiveTokens(oauth) if config.naive else TokenManager(oauth, MemoryStore()))
         for c in customers:
             emulator.seed(c, "Account", [{"Name": f"{c} account {n}"} for n in range(5)])
-            grant = parse_grant(emulator.grant(c), policy=oauth.config.instance_policy,
-                                client_secret=oauth.config.client_secret)
+            grant = token_grant(emulator, c)
             if isinstance(tokens, TokenManager):
                 await tokens.connect(c, grant)
             else:

@@ -19,11 +19,10 @@ import aiohttp
 import orjson
 
 from sfrtr.demo import DemoConfig, Tally, _expire_until, _figures, _report, _worker
-from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
+from sfrtr.emulator import Emulator
+from sfrtr.emulator.sdk import oauth_config, token_grant
 from sfrtr.manager import TokenManager
-from sfrtr.oauth import InstanceUrlPolicy, OAuthClient, OAuthConfig
-from sfrtr.oauth.grant import parse_grant
-from sfrtr.secret import Secret
+from sfrtr.oauth import OAuthClient
 from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings
 from sfrtr.store.etcd_launcher import LocalEtcd
@@ -33,9 +32,7 @@ _REPORT_LIMIT = 256 * 1024 * 1024
 
 
 def _oauth(login_url: str, session: aiohttp.ClientSession | None = None) -> OAuthClient:
-    return OAuthClient(OAuthConfig(
-        client_id=DEFAULT_CLIENT_ID, client_secret=Secret(DEFAULT_CLIENT_SECRET),
-        login_url=login_url, instance_policy=InstanceUrlPolicy.for_emulator()), session)
+    return OAuthClient(oauth_config(login_url), session)
 
 
 def _customers(n: int) -> list[str]:
@@ -60,9 +57,7 @@ async def run_processes(config: DemoConfig, processes: int, etcd: str | None,
                 EtcdSettings(endpoints=[etcd]), namespace=namespace))
             for c in _customers(config.customers):
                 emulator.seed(c, "Account", [{"Name": f"{c} account {n}"} for n in range(5)])
-                grant = parse_grant(emulator.grant(c), policy=InstanceUrlPolicy.for_emulator(),
-                                    client_secret=Secret(DEFAULT_CLIENT_SECRET))
-                await manager.connect(c, grant)
+                await manager.connect(c, token_grant(emulator, c))
             per_process = max(1, config.concurrency // processes)
             for _ in range(processes):
                 workers.append(await asyncio.create_subprocess_exec(

@@ -9,17 +9,14 @@ import aiohttp
 import pytest
 
 from sfrtr import (
-    InstanceUrlPolicy,
     MemoryStore,
     OAuthClient,
-    OAuthConfig,
     RefreshPolicy,
-    Secret,
     TokenGrant,
     TokenManager,
 )
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
-from sfrtr.oauth.grant import parse_grant
+from sfrtr.emulator.sdk import oauth_config, token_grant
 from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings
 from sfrtr.store.etcd_launcher import LocalEtcd
@@ -55,24 +52,17 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def emulator_oauth(em: Emulator, **overrides: object) -> OAuthClient:
-    """An OAuth client for the emulator's default app."""
-    options: dict[str, object] = {
-        "client_id": DEFAULT_CLIENT_ID,
-        "client_secret": Secret(DEFAULT_CLIENT_SECRET),
-        "login_url": em.base_url,
-        "instance_policy": InstanceUrlPolicy.for_emulator(),
-        "timeout": 5.0,
-        "connect_timeout": 1.0,
-    }
-    options.update(overrides)
-    return OAuthClient(OAuthConfig(**options))  # type: ignore[arg-type]
+    """An OAuth client for the emulator's default app (short timeouts for tests)."""
+    options: dict[str, object] = {"login_url": str(em.base_url), "timeout": 5.0,
+                                  "connect_timeout": 1.0, **overrides}
+    login_url = str(options.pop("login_url"))
+    return OAuthClient(oauth_config(login_url, **options))
 
 
 def emulator_grant(em: Emulator, customer: str, client_id: str = DEFAULT_CLIENT_ID,
                    secret: str = DEFAULT_CLIENT_SECRET) -> TokenGrant:
     """A fresh grant for ``customer`` as the code exchange would have returned it."""
-    return parse_grant(em.grant(customer, client_id), policy=InstanceUrlPolicy.for_emulator(),
-                       client_secret=Secret(secret))
+    return token_grant(em, customer, client_id, secret)
 
 
 @pytest.fixture
