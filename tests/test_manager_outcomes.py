@@ -33,6 +33,15 @@ async def stored(manager: TokenManager, customer: str = "acme"):
     return current
 
 
+async def leave_orphan(manager: TokenManager, record) -> int:  # type: ignore[no-untyped-def]
+    """A worker announced a redemption of ``record`` and died: intent, no lock.
+    Returns the orphan's version (the dead worker's fence)."""
+    orphan = record.replace(status=Status.REFRESHING, intent=manager._intent(record))
+    fence = (await manager.store.put("acme", orphan)).version
+    manager._cache.clear()
+    return fence
+
+
 async def test_unknown_customer_is_not_connected(manager):
     with pytest.raises(NotConnected):
         await manager.token("nobody")
@@ -222,10 +231,7 @@ async def test_busy_is_never_counted_as_reuse(emulator: Emulator, manager, http)
 
 async def test_orphaned_intent_is_taken_over_after_grace(emulator: Emulator, manager):
     record = await manager.connect("acme", emulator_grant(emulator, "acme"))
-    # A worker announced a redemption and died: intent, no lock.
-    orphan = record.replace(status=Status.REFRESHING, intent=manager._intent(record))
-    await manager.store.put("acme", orphan)
-    manager._cache.clear()
+    await leave_orphan(manager, record)
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(RefreshIndeterminate, match="interrupted"):
@@ -237,9 +243,7 @@ async def test_orphaned_intent_is_taken_over_after_grace(emulator: Emulator, man
 
 async def test_orphan_writer_committing_during_grace_is_adopted(emulator: Emulator, manager):
     record = await manager.connect("acme", emulator_grant(emulator, "acme"))
-    orphan = record.replace(status=Status.REFRESHING, intent=manager._intent(record))
-    fence = (await manager.store.put("acme", orphan)).version
-    manager._cache.clear()
+    fence = await leave_orphan(manager, record)
     fresh = emulator_grant(emulator, "acme")
 
     async def late_commit() -> None:
@@ -255,9 +259,7 @@ async def test_orphan_writer_committing_during_grace_is_adopted(emulator: Emulat
 
 async def test_rescued_tokens_are_adopted_by_the_next_holder(emulator: Emulator, manager):
     record = await manager.connect("acme", emulator_grant(emulator, "acme"))
-    orphan = record.replace(status=Status.REFRESHING, intent=manager._intent(record))
-    fence = (await manager.store.put("acme", orphan)).version
-    manager._cache.clear()
+    fence = await leave_orphan(manager, record)
     fresh = emulator_grant(emulator, "acme")
     await manager.store.save_rescue("acme", fence, record.replace(
         access_token=fresh.access_token, refresh_token=fresh.refresh_token, generation=1))
