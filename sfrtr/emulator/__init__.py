@@ -7,6 +7,7 @@ Importable for tests (:class:`Emulator`) and runnable as
 from sfrtr.emulator.faults import ENDPOINTS, Faults
 from sfrtr.emulator.ledger import EVENTS, Ledger
 from sfrtr.emulator.server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
+from sfrtr.emulator.token_state import TokenState
 
 __all__ = [
     "DEFAULT_CLIENT_ID",
@@ -16,4 +17,5 @@ __all__ = [
     "Emulator",
     "Faults",
     "Ledger",
+    "TokenState",
 ]

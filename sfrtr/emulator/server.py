@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,7 +16,9 @@ from sfrtr.emulator.faults import FaultBoard
 from sfrtr.emulator.ledger import Ledger
 from sfrtr.emulator.records import OrgData
 from sfrtr.emulator.state import ConnectedApp, Org, World, new_org_id, new_user_id
+from sfrtr.emulator.token_state import TokenState, TokenStates, normalize_fingerprint
 from sfrtr.emulator.wire import api_error, json_response, oauth_error
+from sfrtr.secret import fingerprint as fingerprint_of
 
 EMULATOR_KEY: web.AppKey[Emulator] = web.AppKey("sfrtr_emulator")
 
@@ -49,6 +51,7 @@ class Emulator:
         self.redirect_uris: dict[str, tuple[str, ...]] = {}
         self.base_url: str | None = None
         """Where :meth:`serve` listens, once it does."""
+        self._token_states = TokenStates(self.world)
         self.add_app(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
 
     # -- Python API -------------------------------------------------------
@@ -99,6 +102,23 @@ class Emulator:
         """Whether any grant of ``customer`` has been revoked."""
         return any(f.revoked for f in self.world.families.values() if f.org.name == customer)
 
+    def refresh_token_state(self, refresh_token: str | None = None, *,
+                            fingerprint: str | None = None) -> TokenState:
+        """Whether a refresh token is live, rotated, revoked or unknown here.
+
+        Give the token's value or its :func:`sfrtr.secret.fingerprint` (a
+        longer SHA-256 hex prefix works too; a malformed one is ``ValueError``).
+        Asking never presents the token: its state does not change.
+        """
+        if (refresh_token is None) == (fingerprint is None):
+            raise TypeError("give exactly one of refresh_token and fingerprint")
+        if self._token_states.world is not self.world:
+            self._token_states = TokenStates(self.world)
+        if refresh_token is not None:
+            return self._token_states.of_token(refresh_token)
+        assert fingerprint is not None
+        return self._token_states.of_fingerprint(fingerprint)
+
     # -- web app ----------------------------------------------------------
 
     def app(self) -> web.Application:
@@ -122,6 +142,8 @@ class Emulator:
         r.add_post("/_emulator/expire", self._admin_expire)
         r.add_post("/_emulator/customers", self._admin_customer)
         r.add_post("/_emulator/seed", self._admin_seed)
+        r.add_get("/_emulator/refresh-token-state", self._admin_token_state_query)
+        r.add_post("/_emulator/refresh-token-state", self._admin_token_state)
         return app
 
     @asynccontextmanager
@@ -191,6 +213,59 @@ class Emulator:
         if self.base_url is None:
             self.base_url = f"{request.scheme}://{request.host}"
         return json_response(self.grant(name, client_id), 201)
+
+    async def _admin_token_state_query(self, request: web.Request) -> web.Response:
+        """``GET ?fingerprint=...`` (repeatable): token values never go in a URL."""
+        fingerprints = request.query.getall("fingerprint", [])
+        if not fingerprints:
+            return api_error(400, "INVALID_FIELD", "fingerprint is required")
+        return self._token_states_answer(fingerprints, [])
+
+    async def _admin_token_state(self, request: web.Request) -> web.Response:
+        """``POST {"refresh_token": v}``, ``{"fingerprint": f}`` or ``{"fingerprints": [...]}``.
+
+        Answers ``{"states": {fingerprint: state}}`` (and ``"state"`` when one
+        token was asked about), keyed by fingerprint so no token value is echoed.
+        """
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        values: list[str] = []
+        fingerprints: list[str] = []
+        token, fp, many = body.get("refresh_token"), body.get("fingerprint"), \
+            body.get("fingerprints")
+        if token is not None:
+            values.append(token)
+        if fp is not None:
+            fingerprints.append(fp)
+        if many is not None:
+            if not isinstance(many, list):
+                return api_error(400, "INVALID_FIELD", "fingerprints must be a list of strings")
+            fingerprints += many
+        if not values and not fingerprints:
+            return api_error(400, "INVALID_FIELD",
+                             "refresh_token, fingerprint or fingerprints is required")
+        return self._token_states_answer(fingerprints, values)
+
+    def _token_states_answer(self, fingerprints: Sequence[object], values: Sequence[object]
+                             ) -> web.Response:
+        states: dict[str, str] = {}
+        try:
+            for value in values:
+                if not isinstance(value, str) or not value:
+                    raise ValueError("refresh_token must be a non-empty string")
+                states[fingerprint_of(value)] = self.refresh_token_state(value).value
+            for fp in fingerprints:
+                if not isinstance(fp, str):
+                    raise ValueError("a fingerprint must be a string")
+                states[normalize_fingerprint(fp)] = \
+                    self.refresh_token_state(fingerprint=fp).value
+        except ValueError as exc:
+            return api_error(400, "INVALID_FIELD", str(exc))
+        answer: dict[str, object] = {"states": states}
+        if len(values) + len(fingerprints) == 1:
+            answer["state"] = next(iter(states.values()))
+        return json_response(answer)
 
     async def _admin_seed(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
