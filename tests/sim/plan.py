@@ -1,0 +1,158 @@
+"""What one schedule runs: its configuration, workload and fault plan, drawn from a seed.
+
+A plan is a plain list of :class:`Fault` values, so a failing plan can be
+printed, shrunk (faults removed one by one while the failure persists) and
+replayed with the same seed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from sfrtr.policy import RecoveryMode
+
+FAULT_KINDS = (
+    "pause", "kill", "etcd_down", "etcd_lost", "etcd_dup", "watch_lag", "watch_break",
+    "compact", "token_drop", "token_slow", "token_5xx", "token_gateway", "token_reset",
+    "token_refused", "introspect_error", "reauth", "disconnect", "clear", "skew_jump",
+)
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: float
+    kind: str
+    target: str = ""
+    """A worker or a customer, depending on the kind."""
+    span: float = 0.0
+    """How long the fault lasts, seconds of virtual time."""
+    p: float = 1.0
+    """For probabilistic faults: the chance that one request is hit."""
+
+    def __str__(self) -> str:
+        extra = f" {self.target}" if self.target else ""
+        span = f" for {self.span:.2f}s" if self.span else ""
+        p = f" p={self.p:.2f}" if self.p < 1.0 else ""
+        return f"t={self.at:7.2f} {self.kind}{extra}{span}{p}"
+
+
+@dataclass(frozen=True)
+class Config:
+    workers: int
+    customers: int
+    callers: int
+    """Caller coroutines per worker."""
+    think: float
+    """Mean pause between two calls of one caller, seconds."""
+    cancel_p: float
+    """Chance that a call is cancelled by its caller at a random await."""
+    recovery: RecoveryMode
+    reuse_window: float
+    provider_timeout: float
+    lease_ttl: int
+    session_lifetime: float
+    provider_session: float
+    """The provider's real session timeout: shorter than the estimate yields 401s."""
+    refresh_margin: float
+    wait_timeout: float
+    background_refresh: bool
+    busy_backoff: float
+    fault_phase: float
+    """Faults happen in [0, fault_phase); then the workload settles."""
+    skews: tuple[float, ...] = ()
+
+    def settle_bound(self) -> float:
+        """How long after the last fault every customer must have settled.
+
+        A dead worker's lease runs out (TTL), its request may still be answered
+        (provider timeout plus the answer graces), a recovery waits its grace
+        (TTL + timeout + margin), a waiter gives up after ``wait_timeout``; and
+        the retried store writes back off up to 2 s. Twice that, to be fair.
+        """
+        grace = self.lease_ttl + self.provider_timeout + 2.0
+        one = self.lease_ttl + self.provider_timeout + 2.25 + grace + self.wait_timeout + 4.0
+        return 2 * one
+
+
+@dataclass
+class Plan:
+    config: Config
+    faults: list[Fault] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"config: {self.config}"]
+        lines += [f"  {f}" for f in self.faults] or ["  (no faults)"]
+        return "\n".join(lines)
+
+
+def worker_names(n: int) -> list[str]:
+    return [f"w{i}" for i in range(n)]
+
+
+def customer_names(n: int) -> list[str]:
+    return [f"org{i}" for i in range(n)]
+
+
+def draw_config(rng: random.Random) -> Config:
+    recovery: RecoveryMode = rng.choice(
+        ["fail_closed", "fail_closed", "introspect", "introspect", "reuse_window"])
+    timeout = rng.choice([2.0, 3.0, 5.0])
+    # The manager refuses a TTL whose two thirds do not cover a whole token request
+    # (timeout plus answer graces, 2.25 s) plus its lease margin (2 s).
+    needed = timeout + 2.25 + 2.0
+    ttl = int(1.5 * needed) + 1 + rng.choice([0, 0, 2, 5, 10])
+    lifetime = rng.choice([60.0, 120.0, 300.0])
+    workers = rng.choice([2, 3, 3, 4])
+    return Config(
+        workers=workers, customers=rng.choice([1, 2, 3, 5]), callers=rng.choice([1, 2, 4]),
+        think=rng.choice([0.5, 2.0, 5.0]), cancel_p=rng.choice([0.0, 0.0, 0.05, 0.2]),
+        recovery=recovery,
+        # Some windows are shorter than a takeover can come (lease TTL + request):
+        # a manager should refuse those at construction rather than recover too late.
+        reuse_window=rng.choice([10.0, ttl + needed + 5.0, ttl + needed + 30.0, 120.0])
+        if recovery == "reuse_window" else 0.0,
+        provider_timeout=timeout, lease_ttl=ttl, session_lifetime=lifetime,
+        provider_session=lifetime * rng.choice([1.0, 1.0, 0.5]),
+        refresh_margin=lifetime * 0.2, wait_timeout=rng.choice([20.0, 60.0]),
+        background_refresh=rng.random() < 0.3, busy_backoff=1.0,
+        fault_phase=rng.choice([60.0, 120.0, 240.0]),
+        skews=tuple(rng.choice([0.0, 0.0, -3.0, 2.0, 30.0]) for _ in range(workers)))
+
+
+def draw_faults(rng: random.Random, config: Config) -> list[Fault]:
+    workers = worker_names(config.workers)
+    customers = customer_names(config.customers)
+    end = config.fault_phase
+    faults: list[Fault] = []
+    for _ in range(rng.choice([0, 1, 2, 3, 4, 6, 8])):
+        kind = rng.choice(FAULT_KINDS)
+        at = round(rng.uniform(1.0, end * 0.9), 3)
+        room = max(0.1, end - at - 0.5)
+        if kind in ("pause", "watch_lag"):
+            span = min(room, rng.choice([0.5, 3.0, config.lease_ttl * 0.8,
+                                         config.lease_ttl * 1.5, config.lease_ttl * 3.0]))
+            faults.append(Fault(at, kind, rng.choice(workers), round(span, 3)))
+        elif kind == "kill":
+            # w0 never dies: someone must be left to show the customers settle.
+            if len(workers) > 1:
+                faults.append(Fault(at, kind, rng.choice(workers[1:])))
+        elif kind == "watch_break":
+            faults.append(Fault(at, kind, rng.choice(workers)))
+        elif kind == "compact":
+            faults.append(Fault(at, kind))
+        elif kind in ("reauth", "disconnect", "clear"):
+            faults.append(Fault(at, kind, rng.choice(customers)))
+        elif kind == "skew_jump":
+            faults.append(Fault(at, kind, rng.choice(workers), round(rng.uniform(-20, 60), 1)))
+        else:
+            span = min(room, rng.choice([0.5, 2.0, 10.0, 30.0]))
+            faults.append(Fault(at, kind, "", round(span, 3), rng.choice([0.2, 0.5, 1.0])))
+    faults.sort(key=lambda f: (f.at, f.kind, f.target))
+    return faults
+
+
+def draw_plan(seed: int) -> Plan:
+    rng = random.Random(f"plan:{seed}")
+    config = draw_config(rng)
+    return Plan(config, draw_faults(rng, config))
