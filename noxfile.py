@@ -32,3 +32,17 @@ def bench(session: nox.Session) -> None:
     """The benchmark suite: prints tables, writes JSON and a PNG under benchmarks/results/."""
     session.install("-e", ".[test,plot]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """Fault runs: 8 workers on etcd against the emulator (``-- --quick``: one seed, < 5 min)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "benchmarks.faults", *session.posargs)
+
+
+@nox.session
+def sim(session: nox.Session) -> None:
+    """Long deterministic-simulation runs (``-- --runs 200000 --jobs 2 --seed N``)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "tests.sim", *(session.posargs or ["--runs", "20000"]))

@@ -21,6 +21,7 @@ import orjson
 from sfrtr.demo import DemoConfig, Tally, _expire_until, _figures, _report, _worker
 from sfrtr.emulator import Emulator
 from sfrtr.emulator.sdk import oauth_config, token_grant
+from sfrtr.loop_stall import LoopStallMonitor
 from sfrtr.manager import TokenManager
 from sfrtr.oauth import OAuthClient
 from sfrtr.store.etcd import EtcdStore
@@ -74,9 +75,11 @@ async def run_processes(config: DemoConfig, processes: int, etcd: str | None,
             expiries = await _expire_until(emulator, config, started,
                                            started + config.duration, lambda t: None)
             tally = Tally()
+            stalls: list[float] = []
             for w in workers:
                 assert w.stdout is not None
                 report = orjson.loads(await w.stdout.readline())
+                stalls.append(report["max_stall"])
                 tally.calls += report["calls"]
                 tally.errors += report["errors"]
                 tally.latencies += report["latencies"]
@@ -86,7 +89,9 @@ async def run_processes(config: DemoConfig, processes: int, etcd: str | None,
             elapsed = time.monotonic() - started
             await manager.aclose()
         figures = _figures(tally, emulator, expiries, elapsed)
+        figures["max loop stall ms"] = 1000 * max(stalls, default=0.0)
         _report(out, f"sfrtr, {processes} processes on etcd", config, figures, tally)
+        out("  max loop stall per worker ms: " + ", ".join(f"{1000 * s:.0f}" for s in stalls))
         return figures
     finally:
         for w in workers:
@@ -98,6 +103,8 @@ async def run_processes(config: DemoConfig, processes: int, etcd: str | None,
 
 
 async def _work(args: argparse.Namespace) -> None:
+    monitor = LoopStallMonitor()
+    monitor.start()
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     async with aiohttp.ClientSession(connector=connector) as http:
         manager = TokenManager(_oauth(args.login_url, http), EtcdStore(
@@ -111,7 +118,8 @@ async def _work(args: argparse.Namespace) -> None:
                                for i in range(args.concurrency)))
         await manager.aclose()
     print(orjson.dumps({"calls": tally.calls, "errors": tally.errors, "kinds": tally.kinds,
-                        "latencies": tally.latencies}).decode(), flush=True)
+                        "latencies": tally.latencies, "max_stall": monitor.stop()}).decode(),
+          flush=True)
 
 
 def _worker_main() -> None:

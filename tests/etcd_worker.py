@@ -2,13 +2,17 @@
 
 It runs a token manager on the etcd store against the emulator, in one of a
 few modes, and reports on stdout: ``READY`` once its store is up, ``EVENT x``
-at the points a test may want to kill or stop it, and one final JSON line.
+at the points a test may want to kill or stop it, ``EVENT max_stall S`` when its
+event loop's longest stall grows, and one final JSON line (with ``max_stall``).
+``--production`` runs the product's default policy and OAuth timeouts (only
+the lease TTL is set, to 30 s unless given); SIGTERM ends a storm early.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import time
 from typing import Any
@@ -27,6 +31,7 @@ from sfrtr import (
     TokenManager,
 )
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from sfrtr.loop_stall import LoopStallMonitor
 from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings
 
@@ -55,11 +60,13 @@ class HookedOAuth(OAuthClient):
 
 
 async def storm(manager: TokenManager, customers: list[str], coroutines: int,
-                duration: float, pause: float) -> dict[str, Any]:
+                duration: float, pause: float, stop: asyncio.Event | None = None
+                ) -> dict[str, Any]:
     calls = 0
     failures: dict[str, int] = {}
     connector = aiohttp.TCPConnector(limit=coroutines)
     stop_at = time.monotonic() + duration
+    stopped = stop or asyncio.Event()
 
     async with aiohttp.ClientSession(connector=connector) as http:
         async def get(creds: Any) -> int:
@@ -70,7 +77,7 @@ async def storm(manager: TokenManager, customers: list[str], coroutines: int,
 
         async def one(i: int) -> None:
             nonlocal calls
-            while time.monotonic() < stop_at:
+            while time.monotonic() < stop_at and not stopped.is_set():
                 customer = customers[i % len(customers)]
                 i += 1
                 try:
@@ -93,23 +100,56 @@ async def storm(manager: TokenManager, customers: list[str], coroutines: int,
     return {"calls": calls, "failures": failures}
 
 
-async def main(args: argparse.Namespace) -> None:
+async def report_stalls(monitor: LoopStallMonitor) -> None:
+    """Announce each new worst stall as it ends, so a worker that is killed later
+    (or never finishes) still told the harness how long its loop froze."""
+    reported = 0.0
+    while True:
+        await asyncio.sleep(0.25)
+        if monitor.max_stall >= max(reported * 1.25, monitor.threshold):
+            reported = monitor.max_stall
+            say(f"EVENT max_stall {reported:.3f}")
+
+
+def build(args: argparse.Namespace) -> TokenManager:
+    if args.production:
+        # The product's defaults, nothing shortened: only the lease TTL is ours.
+        store = EtcdStore(EtcdSettings(endpoints=[args.etcd]), namespace=args.namespace,
+                          lease_ttl=args.lease_ttl or 30)
+        timeouts: dict[str, float] = {} if args.timeout is None else {
+            "timeout": args.timeout, "connect_timeout": min(5.0, args.timeout / 2)}
+        config = OAuthConfig(client_id=DEFAULT_CLIENT_ID,
+                             client_secret=Secret(DEFAULT_CLIENT_SECRET),
+                             login_url=args.login_url,
+                             instance_policy=InstanceUrlPolicy.for_emulator(), **timeouts)
+        return TokenManager(HookedOAuth(config, args.mode), store, RefreshPolicy())
+    timeout = 1.2 if args.timeout is None else args.timeout
     store = EtcdStore(EtcdSettings(endpoints=[args.etcd]), namespace=args.namespace,
-                      lease_ttl=args.lease_ttl)
+                      lease_ttl=args.lease_ttl or 3)
     config = OAuthConfig(client_id=DEFAULT_CLIENT_ID, client_secret=Secret(DEFAULT_CLIENT_SECRET),
                          login_url=args.login_url,
                          instance_policy=InstanceUrlPolicy.for_emulator(),
-                         timeout=args.timeout, connect_timeout=min(1.0, args.timeout / 2))
-    oauth = HookedOAuth(config, args.mode)
-    manager = TokenManager(oauth, store, RefreshPolicy(
+                         timeout=timeout, connect_timeout=min(1.0, timeout / 2))
+    return TokenManager(HookedOAuth(config, args.mode), store, RefreshPolicy(
         recovery=args.recovery, recovery_grace=args.grace, lease_margin=0.5,
         wait_timeout=args.wait_timeout))
+
+
+async def main(args: argparse.Namespace) -> None:
+    monitor = LoopStallMonitor()
+    monitor.start()
+    reporter = asyncio.create_task(report_stalls(monitor))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    manager = build(args)
+    store = manager.store
+    assert isinstance(store, EtcdStore)
     await store.start()
     say("READY")
     result: dict[str, Any] = {}
     if args.mode == "storm":
         result = await storm(manager, args.customers.split(","), args.coroutines, args.duration,
-                             args.pause)
+                             args.pause, stop)
     else:
         customer = args.customers.split(",")[0]
         try:
@@ -121,6 +161,10 @@ async def main(args: argparse.Namespace) -> None:
     result["stats"] = vars(manager.stats)
     result["redemptions"] = manager.stats.redemptions
     await manager.aclose()
+    reporter.cancel()
+    monitor.stop()
+    result["max_stall"] = monitor.max_stall
+    result["stalls_over_100ms"] = len(monitor.stalls)
     say(orjson.dumps(result).decode())
 
 
@@ -135,8 +179,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--coroutines", type=int, default=10)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--pause", type=float, default=0.0, help="seconds between a coroutine's calls")
-    p.add_argument("--lease-ttl", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=1.2)
+    p.add_argument("--production", action="store_true",
+                   help="the default RefreshPolicy and OAuth timeouts (lease TTL 30 s unless set)")
+    p.add_argument("--lease-ttl", type=int, default=None, help="default 3 (30 with --production)")
+    p.add_argument("--timeout", type=float, default=None, help="default 1.2 (the product's "
+                   "default with --production)")
     p.add_argument("--recovery", default="fail_closed")
     p.add_argument("--grace", type=float, default=None)
     p.add_argument("--wait-timeout", type=float, default=60.0)

@@ -55,6 +55,9 @@ async def test_counts_only_lockouts_with_a_live_token(emulator: Emulator, http):
     assert summary["by_status"] == {"valid": 2, "reauth_required": 3, "missing": 1}
     for v in audit.verdicts:
         assert isinstance(v.token_state, TokenState)
+    assert audit.stale_access == []
+    emulator.expire_sessions("fine")
+    assert (await audit_lockouts(store, emulator, ["fine"])).stale_access == ["fine"]
     await manager.aclose()
 
 

@@ -13,6 +13,7 @@ Only fingerprints leave this module: reports never carry a token value.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class Verdict:
     """The emulator's view of the stored refresh token."""
     live_rescue: bool = False
     """A rescue entry of this customer holds a refresh token that is live."""
+    access_live: bool | None = None
+    """Whether the stored access token still works (``None``: not known)."""
 
     @property
     def unjustified_lockout(self) -> bool:
@@ -75,6 +78,12 @@ class LockoutAudit:
                 if v.status == Status.VALID.value and v.token_state is not TokenState.LIVE]
 
     @property
+    def stale_access(self) -> list[str]:
+        """``valid`` records whose access token is dead: the next call must refresh."""
+        return [v.customer for v in self.verdicts
+                if v.status == Status.VALID.value and v.access_live is False]
+
+    @property
     def settled(self) -> bool:
         return not self.unsettled
 
@@ -91,6 +100,7 @@ class LockoutAudit:
             "unjustified_customers": self.unjustified_lockouts,
             "valid_but_dead": len(self.valid_but_dead),
             "unsettled": len(self.unsettled),
+            "stale_access": len(self.stale_access),
         }
 
 
@@ -109,6 +119,7 @@ async def audit_lockouts(store: TokenStore, emulator: Emulator | StateLookup,
     with no record is reported with status ``"missing"``.
     """
     state_of = _lookup(emulator)
+    world = emulator.world if isinstance(emulator, Emulator) else None
     names = list(customers) if customers is not None else await store.customers()
     verdicts = []
     for name in names:
@@ -119,6 +130,11 @@ async def audit_lockouts(store: TokenStore, emulator: Emulator | StateLookup,
         record = current.record
         live_rescue = any(state_of(r.refresh_token.fingerprint) is TokenState.LIVE
                           for _, r in await store.rescues(name))
+        access_live = None
+        if world is not None:
+            token = world.access_index.get(record.access_token.reveal())
+            access_live = token is not None and world.access_alive(token, time.time())
         verdicts.append(Verdict(name, str(record.status.value),
-                                state_of(record.refresh_token.fingerprint), live_rescue))
+                                state_of(record.refresh_token.fingerprint), live_rescue,
+                                access_live))
     return LockoutAudit(verdicts)
