@@ -55,5 +55,8 @@ async def clear(store: TokenStore, customer: str, *, force: bool = False) -> Sta
     if status is not Status.REAUTH_REQUIRED and not force:
         raise RefusedToClear(f"customer {customer!r} is {status.value}, not reauth_required; "
                              "clearing would discard a live grant (use force to insist)")
-    await store.delete(customer)
+    # Delete the version we judged, not whatever is there now: a record revived in
+    # between (a rescue adopted, a re-authorization) holds a live grant.
+    if not await store.delete(customer, version=current.version):
+        raise RefusedToClear(f"customer {customer!r} changed while clearing; look again")
     return status

@@ -154,7 +154,21 @@ class Client:
             creds = await self.manager.refresh(self.customer, stale=creds.access_token)
             status, answer_headers, raw = await self._send(creds, method, path, params, body,
                                                            headers, timeout)
+            if status == 401:
+                # A session newer than the one that failed is refused too: no refresh
+                # cures this, and each one burns a rotation. Stop refreshing for a while.
+                refused = self._answer_error(status, raw)
+                raise await self.manager.reject_session(
+                    self.customer, creds.access_token, f"{refused.error_code}: {refused.message}")
         return self._answer(status, answer_headers, raw)
+
+    @staticmethod
+    def _answer_error(status: int, raw: bytes) -> SalesforceError:
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        return error_from(status, body)
 
     async def _send(self, creds: Credentials, method: str, path: str,
                     params: dict[str, str] | None, body: bytes | None,

@@ -46,6 +46,40 @@ class RefreshIndeterminate(ReauthorizationRequired):
     """
 
 
+class GrantSuspended(SfrtrError):
+    """The grant is alive but sfrtr will not use it until its configuration is fixed.
+
+    A refresh answered 2xx, so its refresh token was rotated; the new refresh token
+    was kept, but the rest of the answer was refused (a signature that does not verify,
+    an instance URL outside the policy...). Fix the configuration (client secret,
+    ``InstanceUrlPolicy``); the next refresh after ``retry_at`` uses the kept token.
+    No re-authorization is needed.
+    """
+
+    def __init__(self, customer: str, reason: str, retry_at: float) -> None:
+        super().__init__(f"customer {customer!r} is suspended: {reason}")
+        self.customer = customer
+        self.reason = reason
+        self.retry_at = retry_at
+
+
+class SessionRefused(SfrtrError):
+    """Salesforce refuses even a freshly refreshed session for this customer.
+
+    A refresh cannot cure this 401 (IP restrictions, API access disabled for the
+    user, a session policy), and every refresh burns a rotation, so sfrtr stops
+    refreshing the customer until ``retry_at``. ``reason`` carries the provider's
+    message.
+    """
+
+    def __init__(self, customer: str, reason: str, retry_at: float) -> None:
+        super().__init__(f"Salesforce refused a freshly refreshed session for {customer!r} "
+                         f"({reason}); not refreshing again before the backoff ends")
+        self.customer = customer
+        self.reason = reason
+        self.retry_at = retry_at
+
+
 class TokenEndpointUnavailable(SfrtrError):
     """The token endpoint could not be asked; the refresh token is untouched.
 

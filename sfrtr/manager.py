@@ -9,6 +9,7 @@ of ``docs/protocol.md`` against the configured store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -19,22 +20,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
-import anyio
-
 from sfrtr import protocol
 from sfrtr.errors import (
     ConfigurationError,
     CoordinationTimeout,
+    GrantSuspended,
     InvalidTokenResponse,
     LeaseLost,
     OAuthError,
     ReauthorizationRequired,
     RefreshIndeterminate,
+    SessionRefused,
     SfrtrError,
     StoreError,
     TokenEndpointUnavailable,
 )
-from sfrtr.oauth.client import OAuthClient
+from sfrtr.oauth.client import LEASE_TOO_SHORT, REDIRECT_REFUSED, OAuthClient
 from sfrtr.oauth.grant import TokenGrant
 from sfrtr.oauth.outcome import OutcomeKind, RefreshOutcome
 from sfrtr.policy import RefreshPolicy
@@ -50,7 +51,9 @@ _monotonic = time.monotonic  # a module global: one lookup less on the hot path
 
 #: Client-side OAuth errors that mean our configuration is wrong, not the grant.
 _CONFIG_ERRORS = frozenset({"invalid_client", "invalid_client_id", "unsupported_grant_type",
-                            "invalid_request"})
+                            "invalid_request", REDIRECT_REFUSED})
+_STORE_RETRY_DELAY = 5.0
+"""Seconds between background attempts to store tokens the store refused to take."""
 
 
 class Credentials(NamedTuple):
@@ -72,17 +75,43 @@ class _Entry:
 
     ``token`` duplicates ``credentials.access_token``: a slot read is the
     cheapest thing the hot path can do, and a NamedTuple field is not.
+    ``version`` is the store version the record was read or written at: the
+    cache only ever moves forward, so a late flight cannot put back an older
+    grant's tokens.
     """
 
-    __slots__ = ("credentials", "expires_at", "generation", "refresh_at", "token")
+    __slots__ = ("credentials", "expires_at", "refresh_at", "token", "version")
 
     def __init__(self, credentials: Credentials, refresh_at: float, expires_at: float,
-                 generation: int) -> None:
+                 version: int) -> None:
         self.credentials = credentials
         self.token = credentials.access_token
         self.refresh_at = refresh_at
         self.expires_at = expires_at
-        self.generation = generation
+        self.version = version
+
+
+@dataclass
+class _Section:
+    """One critical section: the lock is ours at ``fence`` until its outcome is stored.
+
+    A section that ends before its outcome reached the store (the store was
+    down longer than ``store_patience``) stays in ``TokenManager._unfinished``;
+    the next flight for the customer finishes it, because only this process
+    knows whether the token was sent and what came back.
+    """
+
+    intent: Intent
+    held: TokenRecord
+    """The record whose refresh token this section may present."""
+    fence: int
+    sent: bool = False
+    result: TokenRecord | None = None
+    """Tokens the provider returned that are not stored yet."""
+
+
+class _Preempted(Exception):
+    """Our fence was lost (a takeover or a re-authorization moved the record)."""
 
 
 @dataclass
@@ -98,6 +127,8 @@ class ManagerStats:
     rescues_adopted: int = 0
     recoveries: int = 0
     reauth_marked: int = 0
+    reclaimed: int = 0
+    """Own sections finished by a later flight (a lost acquire answer, a store outage)."""
 
 
 def default_worker_id() -> str:
@@ -117,19 +148,46 @@ class TokenManager:
         self.store: TokenStore = store if store is not None else MemoryStore()
         self.policy = policy or RefreshPolicy()
         self.worker_id = worker_id or default_worker_id()
-        needed = self.oauth.config.timeout + self.policy.lease_margin
-        if self.store.lease_ttl and self.store.lease_ttl * 2 / 3 <= needed:
-            # Keepalives every TTL/3 leave at least 2/3 of the TTL; a refresh
-            # needs the provider timeout plus a margin of it, or it never starts.
-            raise ConfigurationError(
-                f"lease TTL {self.store.lease_ttl:g}s is too short for a provider timeout of "
-                f"{self.oauth.config.timeout:g}s: make it more than {needed * 1.5:g}s")
+        self._check_timing()
         self.stats = ManagerStats()
         self._cache: dict[str, _Entry] = {}
-        self._flights: Singleflight[tuple[str, str | None], _Entry] = Singleflight()
-        self._orphans_seen: dict[tuple[str, int], float] = {}
+        self._flights: Singleflight[str, _Entry] = Singleflight()
+        self._sections: dict[str, asyncio.Task[_Entry | None]] = {}
+        self._unfinished: dict[str, _Section] = {}
+        self._unsent: dict[str, str] = {}
+        """Customer -> id of our intent whose acquire got no answer: if it landed,
+        nothing was sent under it, so it may simply be released."""
+        self._orphans_seen: dict[str, tuple[int, float]] = {}
+        self._skew = 0.0
+        """Local wall clock minus the provider's, as measured on its last answer."""
         self._background: set[asyncio.Task[object]] = set()
+        self._retries: dict[str, asyncio.TimerHandle] = {}
         self.store.subscribe(self._on_store_change)
+
+    def _check_timing(self) -> None:
+        exchange = self.oauth.config.exchange_limit
+        needed = exchange + self.policy.lease_margin
+        ttl = self.store.lease_ttl
+        if ttl and ttl * 2 / 3 <= needed:
+            # Keepalives every TTL/3 leave at least 2/3 of the TTL; a refresh
+            # needs the whole request plus a margin of it, or it never starts.
+            raise ConfigurationError(
+                f"lease TTL {ttl:g}s is too short for token requests of up to {exchange:g}s "
+                f"plus a margin of {self.policy.lease_margin:g}s: make it more than "
+                f"{needed * 1.5:g}s")
+        grace = self.policy.recovery_grace
+        if self.policy.recovery == "introspect" and grace is not None and grace < needed:
+            raise ConfigurationError(
+                f"recovery_grace {grace:g}s is shorter than a token request can last "
+                f"({needed:g}s): introspecting while it may still be processed reads "
+                "'active' and leads to reuse")
+        if self.policy.recovery == "reuse_window":
+            latest = ttl + needed
+            if self.policy.reuse_window <= latest:
+                raise ConfigurationError(
+                    f"reuse_window {self.policy.reuse_window:g}s cannot be met: a takeover "
+                    f"can come {latest:g}s after the first request (lease TTL + request + "
+                    "margin); shorten the lease or the timeout, or use 'introspect'")
 
     # -- hot path ----------------------------------------------------------
 
@@ -156,32 +214,67 @@ class TokenManager:
 
         If someone already replaced ``stale``, returns the replacement without
         refreshing; otherwise refreshes exactly once for all such callers.
+        Raises :class:`~sfrtr.SessionRefused` while a refreshed session of the
+        customer was refused too (see :meth:`reject_session`).
         """
         entry = self._cache.get(customer)
         if entry is not None and entry.credentials.access_token != stale and \
-                time.monotonic() < entry.refresh_at:
+                _monotonic() < entry.refresh_at:
             return entry.credentials
         return (await self._fly(customer, stale)).credentials
 
+    async def reject_session(self, customer: str, access_token: str,
+                             reason: str) -> SessionRefused:
+        """Record that Salesforce refused ``access_token`` although it was just refreshed.
+
+        A refresh cannot cure such a 401, and each one burns a rotation: no
+        worker refreshes the customer for ``refused_backoff`` seconds. Returns
+        the error to raise (the client raises it).
+        """
+        until = self._provider_now() + self.policy.refused_backoff
+        current = await self.store.read(customer)
+        if current is not None and not current.locked and \
+                current.record.status is Status.VALID and \
+                current.record.access_token.reveal() == access_token:
+            with contextlib.suppress(StoreError):
+                await self.store.commit(customer, current.version,
+                                        protocol.refused_record(current.record, reason, until))
+        log.warning("customer %s: a refreshed session was refused (%s); no refresh for %.0fs",
+                    customer, reason, self.policy.refused_backoff)
+        return SessionRefused(customer, reason, until)
+
     async def _slow(self, customer: str, entry: _Entry | None) -> _Entry:
         if entry is not None and self.policy.background_refresh and \
-                time.monotonic() < entry.expires_at:
+                _monotonic() < entry.expires_at:
             self._refresh_in_background(customer)
             return entry
         return await self._fly(customer, None)
 
     def _refresh_in_background(self, customer: str) -> None:
-        if self._flights.in_flight((customer, None)):
+        if self._flights.in_flight(customer):
             return
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
             self._fly(customer, None))
         self._background.add(task)
-        task.add_done_callback(self._background_done)
+        task.add_done_callback(functools.partial(self._background_done, customer))
 
-    def _background_done(self, task: asyncio.Task[object]) -> None:
+    def _background_done(self, customer: str, task: asyncio.Task[object]) -> None:
         self._background.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("background refresh failed: %s", exc)
+            log.warning("background refresh of %s failed: %s", customer, exc)
+        self._retry_unstored(customer)
+
+    def _retry_unstored(self, customer: str) -> None:
+        """Tokens held only in memory are retried until the store takes them."""
+        section = self._unfinished.get(customer)
+        if section is None or section.result is None or customer in self._retries:
+            return
+        self._retries[customer] = asyncio.get_running_loop().call_later(
+            _STORE_RETRY_DELAY, self._retry_now, customer)
+
+    def _retry_now(self, customer: str) -> None:
+        del self._retries[customer]
+        self._refresh_in_background(customer)
 
     # -- grants ------------------------------------------------------------
 
@@ -189,9 +282,10 @@ class TokenManager:
         """Store a customer's first grant (or a re-authorization), replacing any record."""
         if grant.refresh_token is None:
             raise InvalidTokenResponse("a grant without a refresh token cannot be stored")
-        record = protocol.grant_record(grant, lifetime=self.policy.session_lifetime)
+        record = protocol.grant_record(grant, lifetime=self.policy.session_lifetime,
+                                       grant_id=secrets.token_hex(8))
         stored = await self.store.put(customer, record)
-        self._cache_put(customer, stored.record)
+        self._cache_put(customer, stored.record, stored.version)
         log.info("customer %s connected (refresh %s)", customer, record.refresh_token.fingerprint)
         return stored.record
 
@@ -213,182 +307,298 @@ class TokenManager:
 
     async def wait_idle(self) -> None:
         """Wait until background refreshes and refreshes in flight have finished."""
-        while self._background or len(self._flights):
-            if self._background:
-                await asyncio.wait(list(self._background))
+        while True:
+            pending: list[asyncio.Future[object]] = [*self._background]
+            pending += [t for t in self._sections.values() if not t.done()]  # type: ignore[misc]
+            if not pending and not len(self._flights):
+                return
+            if pending:
+                await asyncio.wait(pending)
             await self._flights.wait_idle()
 
     async def aclose(self) -> None:
         """Let refreshes in flight finish (they may hold burnt tokens), then close."""
         await self.wait_idle()
+        for customer, section in self._unfinished.items():
+            if section.result is not None:
+                log.error("customer %s: rotated tokens could not be stored before close; "
+                          "they are lost (refresh %s)", customer,
+                          section.result.refresh_token.fingerprint)
         await self.store.aclose()
         await self.oauth.aclose()
 
-    # -- the protocol --------------------------------------------------------
+    # -- clocks and cache ----------------------------------------------------
+
+    def _provider_now(self) -> float:
+        """Now on the provider's clock: expiry never depends on agreeing with it."""
+        return time.time() - self._skew
+
+    def _learn_skew(self, grant: TokenGrant) -> None:
+        self._skew = time.time() - grant.issued_at
 
     def _on_store_change(self, customer: str, state: Versioned | None) -> None:
         """Keep the hot-path cache in step with the store, whoever wrote it."""
-        if state is None or state.record.status is Status.REAUTH_REQUIRED:
+        if state is None or state.record.status in (Status.REAUTH_REQUIRED, Status.SUSPENDED):
             self._cache.pop(customer, None)
         elif state.record.status is Status.VALID:
-            self._cache_put(customer, state.record)
+            self._cache_put(customer, state.record, state.version)
 
-    def _cache_put(self, customer: str, record: TokenRecord) -> _Entry:
-        now_wall, now_mono = time.time(), time.monotonic()
-        expires_in = record.expires_at - now_wall
+    def _cache_put(self, customer: str, record: TokenRecord, version: int) -> _Entry:
+        now_mono = _monotonic()
+        expires_in = record.expires_at - self._provider_now()
         entry = _Entry(
             Credentials(record.access_token.reveal(), record.instance_url),
             refresh_at=now_mono + expires_in - self.policy.refresh_margin,
-            expires_at=now_mono + expires_in,
-            generation=record.generation)
+            expires_at=now_mono + expires_in, version=version)
         current = self._cache.get(customer)
-        if current is None or current.generation <= entry.generation or \
-                record.generation == 0:
+        if current is None or current.version <= version:
             self._cache[customer] = entry
         return entry
 
+    # -- flights ---------------------------------------------------------------
+
     async def _fly(self, customer: str, stale: str | None) -> _Entry:
-        # Callers reporting different stale tokens get different flights: each
-        # one's question is "newer than mine?". They still meet at the store.
-        key = (customer, fingerprint(stale) if stale is not None else None)
-        entry, _ = await self._flights.do(key, functools.partial(self._flight, customer, stale))
-        return entry
+        # One flight per customer. A caller that joined a flight started for
+        # another question ("fresh enough?" rather than "newer than mine?") and
+        # got its own stale token back asks again.
+        while True:
+            entry, _ = await self._flights.do(
+                customer, functools.partial(self._flight, customer, stale))
+            if stale is None or entry.token != stale:
+                return entry
 
     async def _flight(self, customer: str, stale: str | None) -> _Entry:
-        deadline = time.monotonic() + self.policy.wait_timeout
+        deadline = _monotonic() + self.policy.wait_timeout
         while True:
+            prior = self._sections.get(customer)
+            if prior is not None:  # left running by a flight that was cancelled
+                await asyncio.wait({prior})
             current = await self.store.read(customer)
-            step = protocol.plan(customer, current, stale=stale, now=time.time(),
-                                 margin=self.policy.refresh_margin)
+            section = self._unfinished.get(customer)
+            own = [i for i in (self._unsent.get(customer), section and section.intent.id) if i]
+            step = protocol.plan(customer, current, stale=stale, now=self._provider_now(),
+                                 margin=self.policy.refresh_margin, own_intents=own)
+            if section is not None and not isinstance(step, protocol.Reclaim):
+                # Our unfinished section's intent is gone from the store: someone
+                # moved on. Tokens we still hold go to rescue; nothing else to do.
+                await self._drop_section(customer, section, current)
+                continue
+            if not isinstance(step, protocol.Recover):
+                self._orphans_seen.pop(customer, None)
             if isinstance(step, protocol.Use):
-                if current is not None and stale is not None:
+                if stale is not None:
                     self.stats.adopted += 1
-                return self._cache_put(customer, step.record)
+                return self._cache_put(customer, step.record, step.version)
             if isinstance(step, protocol.Fail):
                 self._cache.pop(customer, None)
                 raise step.error
+            assert current is not None
             if isinstance(step, protocol.Wait):
                 self.stats.waits += 1
-                await self._wait(customer, step.version, deadline)
+                await self._wait(customer, current, deadline)
                 continue
-            assert current is not None
-            if isinstance(step, protocol.Recover) and not step.fenced:
-                seen = self._orphans_seen.setdefault((customer, step.version), time.monotonic())
-                left = seen + self._grace() - time.monotonic()
+            if isinstance(step, protocol.Reclaim):
+                await self._reclaim(customer, current)
+                continue
+            if isinstance(step, protocol.Recover):
+                left = self._grace_left(customer, step)
                 if left > 0:
-                    await self._wait(customer, step.version, deadline, cap=left)
+                    await self._wait(customer, current, deadline, cap=left)
                     continue
-            acquired = await self.store.acquire(customer, step.version,
-                                                self._intent(current.record))
-            if acquired is None:
-                continue  # lost the race; read again
-            with anyio.CancelScope(shield=True):
-                # From here a refresh token may get burnt: nothing may stop us
-                # before its successor is stored (or the loss is recorded).
-                if isinstance(step, protocol.Recover):
-                    self._orphans_seen.pop((customer, step.version), None)
-                    return await self._recover(customer, acquired.version, current.record)
-                return await self._redeem(customer, acquired.version, current.record)
+            entry = await self._run_section(customer, step, current)
+            if entry is not None:
+                return entry
 
-    def _grace(self) -> float:
-        if self.policy.recovery_grace is not None:
-            return self.policy.recovery_grace
-        return self.store.lease_ttl + self.oauth.config.timeout + self.policy.lease_margin
+    def _grace_left(self, customer: str, step: protocol.Recover) -> float:
+        """Seconds before an orphaned or indeterminate record may be settled, timed
+        on the local monotonic clock from when this worker first saw it."""
+        seen = self._orphans_seen.get(customer)
+        if seen is None or seen[0] != step.version:
+            seen = (step.version, _monotonic())
+            self._orphans_seen[customer] = seen
+        return seen[1] + self._grace(orphan=step.orphan) - _monotonic()
 
-    async def _wait(self, customer: str, version: int, deadline: float,
-                    cap: float | None = None) -> Versioned | None:
-        remaining = deadline - time.monotonic()
+    def _grace(self, *, orphan: bool) -> float:
+        """How long no request presented under the record's intent can still be
+        in flight (plus, for an orphan, its writer's lease: it may still commit)."""
+        settle = self.oauth.config.exchange_limit + self.policy.lease_margin
+        configured = self.policy.recovery_grace
+        if orphan:
+            return configured if configured is not None else self.store.lease_ttl + settle
+        return settle if configured is None else min(configured, settle)
+
+    async def _wait(self, customer: str, seen: Versioned, deadline: float,
+                    cap: float | None = None) -> None:
+        remaining = deadline - _monotonic()
         if remaining <= 0:
             raise CoordinationTimeout(
                 f"gave up after {self.policy.wait_timeout:.0f}s waiting for the refresh of "
                 f"customer {customer!r} by another worker")
-        return await self.store.wait_for_change(
-            customer, version, remaining if cap is None else min(cap, remaining))
+        await self.store.wait_for_change(
+            customer, seen.stamp, remaining if cap is None else min(cap, remaining))
+
+    async def _run_section(self, customer: str, step: protocol.Step,
+                           current: Versioned) -> _Entry | None:
+        """Run the critical section in a task of its own: from the acquire on, a
+        refresh token may get burnt, and nothing (a caller's cancellation, a plain
+        ``task.cancel()`` of the flight) may stop it before the outcome is stored."""
+        task = asyncio.get_running_loop().create_task(self._section(customer, step, current))
+        self._sections[customer] = task
+        task.add_done_callback(functools.partial(self._section_done, customer))
+        try:
+            return await asyncio.shield(task)
+        except _Preempted:
+            return None
+
+    def _section_done(self, customer: str, task: asyncio.Task[_Entry | None]) -> None:
+        if self._sections.get(customer) is task:
+            del self._sections[customer]
+        if not task.cancelled():
+            task.exception()  # retrieved: the flight (if still there) re-raises it
+        self._retry_unstored(customer)
+
+    # -- the critical section ---------------------------------------------------
 
     def _intent(self, record: TokenRecord) -> Intent:
         return Intent(worker=self.worker_id,
                       refresh_fingerprint=record.refresh_token.fingerprint,
-                      started_at=time.time())
+                      started_at=self._provider_now(), id=secrets.token_hex(8))
 
-    async def _commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
-        return await self._durably(lambda: self.store.commit(customer, fence, record))
+    def _budget(self) -> float | None:
+        lease = self.store.lease_remaining()
+        return None if lease is None else lease - self.policy.lease_margin
 
-    async def _save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
-        await self._durably(lambda: self.store.save_rescue(customer, fence, record))
+    async def _section(self, customer: str, step: protocol.Step,
+                       current: Versioned) -> _Entry | None:
+        intent = self._intent(current.record)
+        self._unsent[customer] = intent.id  # until the acquire's answer says otherwise
+        try:
+            acquired = await self.store.acquire(customer, current.version, intent)
+        except LeaseLost:
+            self._unsent.pop(customer, None)  # etcd refused the write: nothing landed
+            raise
+        if self._unsent.get(customer) == intent.id:
+            del self._unsent[customer]
+        if acquired is None:
+            return None  # lost the race; plan again
+        held = current.record
+        if isinstance(step, protocol.Recover | protocol.Revive):
+            held = protocol.released_record(current.record)
+        section = _Section(intent, held, acquired.version)
+        self._unfinished[customer] = section
+        try:
+            if isinstance(step, protocol.Revive):
+                return await self._revive(customer, section, current.record)
+            if isinstance(step, protocol.Recover):
+                return await self._recover(customer, section, current.record)
+            return await self._redeem(customer, section)
+        except _Preempted:
+            self._finished(customer, section)
+            raise
+
+    def _finished(self, customer: str, section: _Section) -> None:
+        if self._unfinished.get(customer) is section:
+            del self._unfinished[customer]
+
+    async def _commit(self, customer: str, section: _Section,
+                      record: TokenRecord) -> Versioned:
+        """Write ``record`` at the section's fence (patiently); :class:`_Preempted`
+        if the fence was lost. The section is finished once this returns."""
+        committed = await self._durably(
+            lambda: self.store.commit(customer, section.fence, record))
+        if committed is None:
+            raise _Preempted
+        self._finished(customer, section)
+        return committed
 
     async def _durably(self, write: Callable[[], Awaitable[T]]) -> T:
         """Retry a write of the critical section while the store is unreachable.
 
         These writes carry rotated tokens, or release a lock: giving up at the
-        first network error would lose a token that exists nowhere else.
+        first network error would lose a token that exists nowhere else. When
+        patience runs out the section stays unfinished and is retried later.
         """
-        deadline = time.monotonic() + self.policy.store_patience
+        deadline = _monotonic() + self.policy.store_patience
         delay = 0.1
         while True:
             try:
                 return await write()
             except StoreError as exc:
-                if time.monotonic() + delay > deadline:
-                    log.error("store write abandoned after %.0fs: %s",
-                              self.policy.store_patience, exc)
+                if _monotonic() + delay > deadline:
+                    log.error("store write failed for %.0fs (%s); kept in memory, retrying "
+                              "in the background", self.policy.store_patience, exc)
                     raise
                 log.warning("store write failed (%s); retrying in %.1fs", exc, delay)
-                await anyio.sleep(delay)
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _redeem(self, customer: str, fence: int, held: TokenRecord, *,
-                      retry: bool = False) -> _Entry:
-        """Present ``held.refresh_token`` (we hold the lock at ``fence``) and store
-        whatever came of it."""
-        lease = self.store.lease_remaining()
-        if lease is not None and lease < self.oauth.config.timeout + self.policy.lease_margin:
-            await self._commit(customer, fence, protocol.released_record(held))
-            raise LeaseLost(f"lease too short to refresh customer {customer!r} safely")
+    async def _redeem(self, customer: str, section: _Section, *,
+                      retry: bool = False) -> _Entry | None:
+        """Present ``section.held.refresh_token`` (the lock is ours at the fence) and
+        store whatever came of it."""
+        held = section.held
         log.debug("redeeming refresh %s for %s", held.refresh_token.fingerprint, customer)
-        outcome = await self.oauth.refresh(held.refresh_token)
+        outcome = await self.oauth.refresh(held.refresh_token, budget=self._budget)
+        if outcome.kind is OutcomeKind.NOT_SENT:
+            await self._commit(customer, section, protocol.released_record(held))
+            raise _untouched_error(customer, outcome)
+        section.sent = True
         self.stats.redemptions += 1
-        kind = outcome.kind
-        if kind is OutcomeKind.OK:
+        if outcome.kind is OutcomeKind.OK:
             assert outcome.grant is not None
+            self._learn_skew(outcome.grant)
             record = protocol.refreshed_record(held, outcome.grant,
                                                lifetime=self.policy.session_lifetime)
-            return await self._store_new(customer, fence, record)
-        if kind is OutcomeKind.NOT_SENT or kind is OutcomeKind.INVALID:
-            await self._commit(customer, fence, protocol.released_record(held))
-            raise _untouched_error(customer, outcome)
-        if kind is OutcomeKind.REJECTED:
-            return await self._rejected(customer, fence, held, outcome)
-        if kind is OutcomeKind.BUSY:
-            # Someone outside this store is redeeming the same token. Give a
-            # writer among us the chance to show up; otherwise the token is
-            # in other hands and its successor may never reach us.
-            await anyio.sleep(self.policy.busy_backoff)
-            reread = await self.store.read(customer)
-            adopted = protocol.adoptable_after_rejection(held, reread)
+            section.result = record
+            return await self._store_new(customer, section, record)
+        if outcome.kind is OutcomeKind.INVALID and outcome.salvaged is not None:
+            until = self._provider_now() + self.policy.refused_backoff
+            reason = (f"a refresh answer was refused ({outcome.description}); its new refresh "
+                      "token was kept: fix the configuration, no re-authorization is needed")
+            record = protocol.suspended_record(held, outcome.salvaged, reason, until)
+            section.result = record
+            await self._store_new(customer, section, record)
+            raise GrantSuspended(customer, reason, until)
+        if outcome.kind is OutcomeKind.REJECTED:
+            return await self._rejected(customer, section, outcome)
+        if outcome.kind is OutcomeKind.BUSY:
+            # Someone else is redeeming this very token: give a writer among us
+            # the chance to show up before calling the outcome unknown.
+            await asyncio.sleep(self.policy.busy_backoff)
+            adopted = protocol.adoptable_after_rejection(held, await self.store.read(customer))
             if adopted is not None:
+                self._finished(customer, section)
                 self.stats.adopted += 1
-                return self._cache_put(customer, adopted.record)
+                return self._cache_put(customer, adopted.record, adopted.version)
             return await self._ambiguous(
-                customer, fence, held, "another client redeemed the same refresh token "
+                customer, section, "another client redeemed the same refresh token "
                 "concurrently (token request is already being processed)", retry=retry)
         return await self._ambiguous(
-            customer, fence, held,
+            customer, section,
             f"the refresh request got no usable answer ({outcome.error}); "
             "the rotated refresh token may be lost", retry=retry)
 
-    async def _store_new(self, customer: str, fence: int, record: TokenRecord) -> _Entry:
-        committed = await self._commit(customer, fence, record)
-        if committed is None and not await self._is_stored(customer, record):
-            # Fenced out: a takeover or a re-authorization moved the record while
-            # we redeemed. Our tokens are live; keep them for adoption.
-            await self._save_rescue(customer, fence, record)
+    async def _store_new(self, customer: str, section: _Section,
+                         record: TokenRecord) -> _Entry | None:
+        """Commit rotated tokens; if fenced out, keep them as a rescue and return
+        ``None`` (the flight plans again: the rescue may revive a dead record)."""
+        try:
+            committed = await self._commit(customer, section, record)
+        except _Preempted:
+            if await self._is_stored(customer, record):
+                self._finished(customer, section)
+                return None
+            await self._durably(lambda: self.store.save_rescue(customer, section.fence, record))
+            self._finished(customer, section)
             self.stats.rescued += 1
             log.warning("commit for %s was fenced out; tokens kept as rescue %d",
-                        customer, fence)
-            await self._adopt_rescue_if_dead(customer)
-        entry = self._cache_put(customer, record)
+                        customer, section.fence)
+            return None
+        if record.status is not Status.VALID:
+            return None
+        entry = self._cache_put(customer, record, committed.version)
         if self.policy.learn_expiry:
-            await self._learn_expiry(customer, record)
+            await self._learn_expiry(customer, record, committed.version)
         return entry
 
     async def _is_stored(self, customer: str, record: TokenRecord) -> bool:
@@ -398,7 +608,7 @@ class TokenManager:
         return current is not None and current.record.refresh_token == record.refresh_token \
             and current.record.access_token == record.access_token
 
-    async def _learn_expiry(self, customer: str, record: TokenRecord) -> None:
+    async def _learn_expiry(self, customer: str, record: TokenRecord, version: int) -> None:
         try:
             info = await self.oauth.introspect(record.access_token, hint="access_token")
         except SfrtrError as exc:
@@ -406,100 +616,157 @@ class TokenManager:
                      customer, type(exc).__name__)
             return
         if info.active and info.expires_at is not None:
-            self._cache_put(customer, record.replace(expires_at=info.expires_at))
+            self._cache_put(customer, record.replace(expires_at=info.expires_at), version)
 
-    async def _rejected(self, customer: str, fence: int, held: TokenRecord,
+    async def _rejected(self, customer: str, section: _Section,
                         outcome: RefreshOutcome) -> _Entry:
-        reread = await self.store.read(customer)
-        adopted = protocol.adoptable_after_rejection(held, reread)
+        adopted = protocol.adoptable_after_rejection(section.held,
+                                                     await self.store.read(customer))
         if adopted is not None:
+            self._finished(customer, section)
             self.stats.adopted += 1
-            return self._cache_put(customer, adopted.record)
+            return self._cache_put(customer, adopted.record, adopted.version)
         reason = f"refresh token rejected: {outcome.description or outcome.error}"
-        return await self._mark_dead(customer, fence, held, reason, ReauthorizationRequired)
+        return await self._mark_dead(customer, section, reason, ReauthorizationRequired)
 
-    async def _mark_dead(self, customer: str, fence: int, held: TokenRecord, reason: str,
+    async def _mark_dead(self, customer: str, section: _Section, reason: str,
                          error: type[ReauthorizationRequired]) -> _Entry:
-        committed = await self._commit(customer, fence, protocol.dead_record(held, reason))
-        if committed is None:
-            reread = await self.store.read(customer)
-            adopted = protocol.adoptable_after_rejection(held, reread)
-            if adopted is not None:
-                return self._cache_put(customer, adopted.record)
+        await self._commit(customer, section, protocol.dead_record(section.held, reason))
         self.stats.reauth_marked += 1
         self._cache.pop(customer, None)
         log.warning("customer %s must re-authorize: %s", customer, reason)
         raise error(customer, reason)
 
-    async def _ambiguous(self, customer: str, fence: int, held: TokenRecord, reason: str, *,
-                         retry: bool) -> _Entry:
+    async def _ambiguous(self, customer: str, section: _Section, reason: str, *,
+                         retry: bool) -> _Entry | None:
         """A redemption whose outcome is unknown; the recovery policy decides."""
         mode = self.policy.recovery
-        if mode == "introspect":
-            try:
-                info = await self.oauth.introspect(held.refresh_token)
-            except SfrtrError as exc:
-                await self._commit(customer, fence, held.replace(
-                    status=Status.INDETERMINATE, reason=reason))
-                raise TokenEndpointUnavailable(
-                    f"cannot settle an interrupted refresh for {customer!r} yet "
-                    f"({type(exc).__name__}); will retry") from None
-            if info.active:
-                if not retry:  # not rotated after all: redeeming it is not reuse
-                    return await self._redeem(customer, fence, held, retry=True)
-                await self._commit(customer, fence, protocol.released_record(held))
-                raise TokenEndpointUnavailable(f"refresh for {customer!r} failed twice")
-        elif mode == "reuse_window" and not retry:
-            return await self._redeem(customer, fence, held, retry=True)
-        return await self._mark_dead(customer, fence, held, reason, RefreshIndeterminate)
+        if mode == "reuse_window" and not retry:
+            # Inside the provider's window (checked at construction), presenting
+            # the token again returns its successor instead of revoking the family.
+            return await self._redeem(customer, section, retry=True)
+        if mode == "fail_closed":
+            return await self._mark_dead(customer, section, reason, RefreshIndeterminate)
+        await self._leave_indeterminate(customer, section, reason)
+        raise TokenEndpointUnavailable(
+            f"the refresh of {customer!r} has an unknown outcome ({reason}); it is settled "
+            "by introspection once no request can still be in flight "
+            f"(about {self._grace(orphan=False):.0f}s)")
 
-    async def _recover(self, customer: str, fence: int, orphan: TokenRecord) -> _Entry:
-        """We took the lock over an orphaned intent (its writer is gone or stalled)."""
+    async def _leave_indeterminate(self, customer: str, section: _Section,
+                                   reason: str) -> None:
+        record = protocol.indeterminate_record(
+            section.held.replace(intent=section.intent), reason)
+        await self._commit(customer, section, record)
+
+    async def _recover(self, customer: str, section: _Section,
+                       orphan: TokenRecord) -> _Entry | None:
+        """We hold the lock over an orphaned intent or an indeterminate outcome, and
+        no request presented under it can still be in flight."""
         self.stats.recoveries += 1
-        adopted = await self._take_rescue(customer, fence, orphan.generation)
+        adopted = await self._take_rescue(customer, section, orphan)
         if adopted is not None:
             return adopted
         worker = orphan.intent.worker if orphan.intent else "unknown"
-        base = protocol.released_record(orphan)
-        return await self._ambiguous(
-            customer, fence, base,
-            f"a refresh by worker {worker} was interrupted; the rotated refresh token may "
-            "be lost", retry=False)
+        lost = (f"a refresh by worker {worker} was interrupted and the refresh token was "
+                "rotated: its successor is lost")
+        mode = self.policy.recovery
+        if mode == "introspect":
+            try:
+                info = await self.oauth.introspect(section.held.refresh_token)
+            except SfrtrError as exc:
+                # Unknown is not inactive: never redeem, never declare it dead.
+                await self._leave_indeterminate(customer, section, orphan.reason or lost)
+                raise TokenEndpointUnavailable(
+                    f"cannot settle an interrupted refresh for {customer!r} yet "
+                    f"({type(exc).__name__}); will retry") from None
+            if info.active:  # never redeemed, and no request can still redeem it
+                return await self._redeem(customer, section, retry=True)
+            return await self._mark_dead(customer, section, lost, RefreshIndeterminate)
+        if mode == "reuse_window" and orphan.intent is not None and \
+                self._provider_now() - orphan.intent.started_at < self.policy.reuse_window - \
+                self.oauth.config.exchange_limit - self.policy.lease_margin:
+            return await self._redeem(customer, section, retry=True)
+        return await self._mark_dead(customer, section, orphan.reason or lost,
+                                     RefreshIndeterminate)
 
-    async def _take_rescue(self, customer: str, fence: int, generation: int) -> _Entry | None:
+    async def _revive(self, customer: str, section: _Section, dead: TokenRecord) -> _Entry:
+        """A dead record with rescues: adopt one of this grant, or drop them all."""
+        adopted = await self._take_rescue(customer, section, dead)
+        if adopted is not None:
+            return adopted
+        await self._commit(customer, section, dead)  # release the lock, still dead
+        raise ReauthorizationRequired(customer, dead.reason)
+
+    async def _take_rescue(self, customer: str, section: _Section,
+                           stored: TokenRecord) -> _Entry | None:
+        """Adopt the rescue that holds this grant's newest tokens, if any, and drop
+        the entries that can never help (another grant's, or older ones)."""
         rescues = await self.store.rescues(customer)
-        picked = protocol.pick_rescue(generation, rescues)
-        if picked is None:
-            return None
-        rescue_fence, record = picked
-        record = protocol.released_record(record)
-        if await self._commit(customer, fence, record) is None:
-            return None
-        for old_fence, old in rescues:
-            if old.generation <= record.generation:
-                await self.store.drop_rescue(customer, old_fence)
-        self.stats.rescues_adopted += 1
-        log.warning("customer %s: adopted rescued tokens (fence %d)", customer, rescue_fence)
-        return self._cache_put(customer, record)
+        picked = protocol.pick_rescue(stored, rescues)
+        entry: _Entry | None = None
+        newest = stored.generation
+        if picked is not None:
+            rescue_fence, rescued = picked
+            newest = rescued.generation
+            record = protocol.released_record(rescued)
+            committed = await self._commit(customer, section, record)
+            self.stats.rescues_adopted += 1
+            log.warning("customer %s: adopted rescued tokens (fence %d)", customer, rescue_fence)
+            if record.status is Status.VALID:
+                entry = self._cache_put(customer, record, committed.version)
+        for fence, old in rescues:
+            if old.grant_id != stored.grant_id or old.generation <= newest:
+                await self._drop_rescue(customer, fence)
+        if picked is not None and entry is None:
+            raise _Preempted  # adopted a suspended grant: plan again (it fails clearly)
+        return entry
 
-    async def _adopt_rescue_if_dead(self, customer: str) -> None:
-        """After saving a rescue: if a takeover already declared the grant dead,
-        bring it back with the rescued tokens."""
-        current = await self.store.read(customer)
-        if current is None or current.locked or current.record.status in (
-                Status.VALID, Status.REFRESHING):
-            return
-        acquired = await self.store.acquire(customer, current.version,
-                                            self._intent(current.record))
-        if acquired is None:
-            return
-        if await self._take_rescue(customer, acquired.version, current.record.generation) is None:
-            await self._commit(customer, acquired.version, current.record)
+    async def _drop_rescue(self, customer: str, fence: int) -> None:
+        await self._durably(lambda: self.store.drop_rescue(customer, fence))
+
+    # -- own unfinished business --------------------------------------------------
+
+    async def _reclaim(self, customer: str, current: Versioned) -> None:
+        """The store shows our own intent from a section that ended early: finish it."""
+        record = current.record
+        section = self._unfinished.get(customer)
+        if section is not None and record.intent is not None and \
+                record.intent.id == section.intent.id:
+            if section.result is not None:
+                target = section.result
+            elif section.sent:
+                target = (protocol.dead_record(section.held, "a refresh got no answer")
+                          if self.policy.recovery == "fail_closed" else
+                          protocol.indeterminate_record(record, "a refresh got no answer"))
+            else:
+                target = protocol.released_record(section.held)
+        else:
+            target = protocol.released_record(record)  # an acquire whose answer was lost
+        committed = await self.store.commit(customer, current.version, target)
+        if committed is None:
+            return  # the record moved on: plan again
+        self.stats.reclaimed += 1
+        if section is not None:
+            self._finished(customer, section)
+        if self._unsent.get(customer) == (record.intent.id if record.intent else None):
+            del self._unsent[customer]
+        if target.status is Status.VALID:
+            self._cache_put(customer, target, committed.version)
+
+    async def _drop_section(self, customer: str, section: _Section,
+                            current: Versioned | None) -> None:
+        stored = current.record.refresh_token if current is not None else None
+        if section.result is not None and stored != section.result.refresh_token:
+            await self.store.save_rescue(customer, section.fence, section.result)
+            self.stats.rescued += 1
+        self._finished(customer, section)
 
 
 def _untouched_error(customer: str, outcome: RefreshOutcome) -> SfrtrError:
-    if outcome.kind is OutcomeKind.INVALID:
-        return InvalidTokenResponse(f"refresh for {customer!r}: {outcome.description}")
+    if outcome.error == LEASE_TOO_SHORT:
+        return LeaseLost(f"lease too short to refresh customer {customer!r} safely "
+                         f"({outcome.description})")
     if outcome.error in _CONFIG_ERRORS:
         return ConfigurationError(
             f"token endpoint refused the client: {outcome.error} {outcome.description}".strip())

@@ -23,16 +23,29 @@ class RefreshPolicy:
     """After each refresh, introspect the new access token to learn its real expiry."""
     wait_timeout: float = 60.0
     """Longest a caller waits for another worker's refresh before giving up."""
-    recovery: RecoveryMode = "fail_closed"
+    recovery: RecoveryMode = "introspect"
     """What to do when a redemption's outcome is unknown (see ``docs/protocol.md``):
-    ``fail_closed`` marks the customer for re-authorization (right for Salesforce);
-    ``introspect`` asks the provider whether the old refresh token is still active;
-    ``reuse_window`` redeems once more (only for providers with a reuse window)."""
+    ``introspect`` (default) waits until the interrupted request can no longer be in
+    flight, then asks the provider whether the old refresh token is still active:
+    active means it was never redeemed (refresh it), inactive means it was rotated and
+    its successor is lost (re-authorization). Salesforce introspects the app's own
+    refresh tokens. ``fail_closed`` marks the customer for re-authorization at once
+    (for providers that cannot introspect; it locks out customers whose token was
+    still live). ``reuse_window`` redeems once more inside the provider's reuse window
+    (Auth0, Okta, Xero); set ``reuse_window`` to that window."""
     recovery_grace: float | None = None
-    """How long an orphaned intent may still be committed by its writer before a
-    takeover, seconds. ``None``: the store's lease TTL plus the provider timeout."""
+    """How long an orphaned intent is left to its writer before a takeover, seconds.
+    ``None``: derived (lease TTL plus the longest a token request can take, plus
+    ``lease_margin``). Under ``introspect`` a shorter grace is refused: introspecting
+    while the old request may still be processed reads "active" and leads to reuse."""
     lease_margin: float = 2.0
-    """A redemption starts only if the lease outlives the provider timeout by this."""
+    """A redemption starts only if the lease outlives the whole token request (timeout
+    and answer graces) by this much."""
+    reuse_window: float = 0.0
+    """The provider's refresh-token reuse window, seconds (``reuse_window`` recovery)."""
+    refused_backoff: float = 300.0
+    """After Salesforce refuses a freshly refreshed session (a 401 a refresh cannot
+    cure), or a 2xx answer could not be used: no refresh of that customer for this long."""
     store_patience: float = 120.0
     """How long a commit carrying rotated tokens is retried while the store is down."""
     busy_backoff: float = 1.0
@@ -45,3 +58,8 @@ class RefreshPolicy:
             raise ConfigurationError("refresh_margin must be shorter than session_lifetime")
         if self.recovery not in ("fail_closed", "introspect", "reuse_window"):
             raise ConfigurationError(f"unknown recovery mode {self.recovery!r}")
+        if self.recovery == "reuse_window" and self.reuse_window <= 0:
+            raise ConfigurationError("recovery='reuse_window' needs the provider's reuse_window")
+        if self.lease_margin < 0 or self.refused_backoff < 0 or (
+                self.recovery_grace is not None and self.recovery_grace < 0):
+            raise ConfigurationError("margins, graces and backoffs cannot be negative")

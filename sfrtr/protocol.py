@@ -8,9 +8,16 @@ server; ``docs/protocol.md`` maps each step to the invariant it protects.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from sfrtr.errors import NotConnected, ReauthorizationRequired, SfrtrError
+from sfrtr.errors import (
+    GrantSuspended,
+    NotConnected,
+    ReauthorizationRequired,
+    SessionRefused,
+    SfrtrError,
+)
 from sfrtr.oauth.grant import TokenGrant
 from sfrtr.records import Status, TokenRecord, Versioned
 from sfrtr.secret import Secret
@@ -40,14 +47,31 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class Recover:
-    """An intent with no live lock: a worker died or stalled mid-refresh.
+    """An intent with no live lock (a worker died or stalled mid-refresh), or an
+    outcome left ``indeterminate``: settle it once no request can still be in flight.
 
-    ``fenced`` is false while the old holder could still commit (the record
-    is exactly as it left it): wait out the grace period before taking over.
+    ``orphan`` is true for a ``refreshing`` record: its writer may still commit,
+    so the grace before a takeover also covers its lease.
     """
 
     version: int
-    fenced: bool
+    orphan: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaim:
+    """The intent is this worker's own, from a critical section that ended before
+    its outcome reached the store (an acquire whose answer was lost, a commit that
+    ran out of patience). The worker knows what happened; it finishes the job."""
+
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Revive:
+    """A dead record with rescue entries: a late writer's tokens may bring it back."""
+
+    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +79,7 @@ class Fail:
     error: SfrtrError
 
 
-Step = Use | Redeem | Wait | Recover | Fail
+Step = Use | Redeem | Wait | Recover | Reclaim | Revive | Fail
 
 
 def needs_refresh(record: TokenRecord, now: float, margin: float) -> bool:
@@ -64,33 +88,46 @@ def needs_refresh(record: TokenRecord, now: float, margin: float) -> bool:
 
 
 def plan(customer: str, current: Versioned | None, *, stale: str | None, now: float,
-         margin: float) -> Step:
+         margin: float, own_intents: Collection[str] = ()) -> Step:
     """What to do next, given the store's current state.
 
     ``stale`` is the access token that just got a 401 (``None`` when the
     caller only found its cached token near expiry). A 401 is the final word:
     if the stored token is the one that failed, it is refreshed whatever its
-    estimated expiry says.
+    estimated expiry says, unless a refresh already proved unable to cure it
+    (``refresh_after``). ``now`` is on the provider's clock. ``own_intents``
+    are the ids of this worker's unfinished acquisitions for the customer.
     """
     if current is None:
         return Fail(NotConnected(customer))
     record = current.record
+    intent = record.intent
+    if intent is not None and intent.id and intent.id in own_intents:
+        return Reclaim(current.version)
     if record.status is Status.REAUTH_REQUIRED:
+        if current.rescued and not current.locked:
+            return Revive(current.version)
         return Fail(ReauthorizationRequired(customer, record.reason))
-    if record.status is Status.REFRESHING:
-        return Wait(current.version) if current.locked else Recover(current.version, False)
-    if record.status is Status.INDETERMINATE:
-        return Wait(current.version) if current.locked else Recover(current.version, True)
     if current.locked:
         return Wait(current.version)
+    if record.status is Status.REFRESHING:
+        return Recover(current.version, orphan=True)
+    if record.status is Status.INDETERMINATE:
+        return Recover(current.version, orphan=False)
+    if record.status is Status.SUSPENDED:
+        if now < record.refresh_after:
+            return Fail(GrantSuspended(customer, record.reason, record.refresh_after))
+        return Redeem(current.version)
     failed = stale is not None and record.access_token.reveal() == stale
+    if failed and now < record.refresh_after:
+        return Fail(SessionRefused(customer, record.reason, record.refresh_after))
     if not failed and not needs_refresh(record, now, margin):
         return Use(record, current.version)
     return Redeem(current.version)
 
 
 def grant_record(grant: TokenGrant, *, lifetime: float, refresh_token: Secret | None = None,
-                 generation: int = 0) -> TokenRecord:
+                 generation: int = 0, grant_id: str = "") -> TokenRecord:
     """The record for a grant straight from the code exchange (or a refresh)."""
     token = grant.refresh_token if grant.refresh_token is not None else refresh_token
     if token is None:
@@ -99,7 +136,7 @@ def grant_record(grant: TokenGrant, *, lifetime: float, refresh_token: Secret | 
         access_token=grant.access_token, refresh_token=token,
         instance_url=grant.instance_url, issued_at=grant.issued_at,
         expires_at=grant.issued_at + lifetime, generation=generation,
-        identity_url=grant.identity_url, scope=grant.scope)
+        identity_url=grant.identity_url, scope=grant.scope, grant_id=grant_id)
 
 
 def refreshed_record(held: TokenRecord, grant: TokenGrant, *, lifetime: float) -> TokenRecord:
@@ -108,16 +145,38 @@ def refreshed_record(held: TokenRecord, grant: TokenGrant, *, lifetime: float) -
     Without rotation the provider sends no refresh token: the old one lives on.
     """
     return grant_record(grant, lifetime=lifetime, refresh_token=held.refresh_token,
-                        generation=held.generation + 1)
+                        generation=held.generation + 1, grant_id=held.grant_id)
+
+
+def suspended_record(held: TokenRecord, refresh_token: Secret, reason: str,
+                     until: float) -> TokenRecord:
+    """After a 2xx answer we refused to use: its new refresh token is kept (the one
+    presented is burnt), the access token is not, and no refresh before ``until``."""
+    return held.replace(refresh_token=refresh_token, generation=held.generation + 1,
+                        status=Status.SUSPENDED, intent=None, reason=reason,
+                        refresh_after=until, expires_at=0.0)
+
+
+def refused_record(held: TokenRecord, reason: str, until: float) -> TokenRecord:
+    """A valid record whose freshly refreshed session Salesforce refused anyway."""
+    return held.replace(reason=reason, refresh_after=until)
 
 
 def dead_record(held: TokenRecord, reason: str) -> TokenRecord:
     return held.replace(status=Status.REAUTH_REQUIRED, intent=None, reason=reason)
 
 
+def indeterminate_record(held: TokenRecord, reason: str) -> TokenRecord:
+    """A redemption whose outcome is unknown: the intent stays (it names the token),
+    recovery settles it once no request can still be in flight."""
+    return held.replace(status=Status.INDETERMINATE, reason=reason)
+
+
 def released_record(held: TokenRecord) -> TokenRecord:
     """``held`` made usable again: the redemption did not happen."""
-    return held.replace(status=Status.VALID, intent=None, reason="")
+    return held.replace(status=Status.VALID if held.status is not Status.SUSPENDED
+                        else Status.SUSPENDED, intent=None,
+                        reason="" if held.status is not Status.SUSPENDED else held.reason)
 
 
 def adoptable_after_rejection(held: TokenRecord, reread: Versioned | None) -> Versioned | None:
@@ -135,14 +194,16 @@ def adoptable_after_rejection(held: TokenRecord, reread: Versioned | None) -> Ve
     return None
 
 
-def pick_rescue(generation: int, rescues: list[tuple[int, TokenRecord]]
+def pick_rescue(stored: TokenRecord, rescues: list[tuple[int, TokenRecord]]
                 ) -> tuple[int, TokenRecord] | None:
-    """The rescue entry to adopt over a record of ``generation``, if any.
+    """The rescue entry to adopt over ``stored``, if any.
 
-    Only an entry newer than the stored record can hold the live refresh
-    token; among several, the newest generation (then the latest fence) wins.
+    Only an entry of the same grant (a re-authorization starts a new one) and
+    newer than the stored record can hold the live refresh token; among
+    several, the newest generation (then the latest fence) wins.
     """
-    newer = [(f, r) for f, r in rescues if r.generation > generation]
+    newer = [(f, r) for f, r in rescues
+             if r.grant_id == stored.grant_id and r.generation > stored.generation]
     if not newer:
         return None
     return max(newer, key=lambda item: (item[1].generation, item[0]))

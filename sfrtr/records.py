@@ -25,6 +25,11 @@ class Status(enum.StrEnum):
     """A redemption's outcome is unknown; the recovery policy must decide."""
     REAUTH_REQUIRED = "reauth_required"
     """The grant is dead; the customer must authorize again."""
+    SUSPENDED = "suspended"
+    """The grant is alive (its refresh token is stored) but its last answer could not be
+    used (a bad signature, an instance URL outside the policy): no access token is handed
+    out, and no refresh is tried before ``refresh_after``. An operator fixes the
+    configuration; no re-authorization is needed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,9 @@ class Intent:
     """Wall-clock seconds; informational only (decisions use local monotonic time)."""
     lease: int = 0
     """The store's lease id of the writer (0 where the store has none)."""
+    id: str = ""
+    """A nonce naming this one acquisition, so its writer recognises it when the
+    store's answer to the acquire was lost (the Txn applied, the reply did not arrive)."""
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -60,6 +68,12 @@ class TokenRecord:
     intent: Intent | None = None
     reason: str = ""
     """Why the record is not valid (human-readable, never a token)."""
+    grant_id: str = ""
+    """Names one authorization. Rotations keep it; a re-authorization gets a new one, so
+    a refresh of the old grant that lands late can never pass for the new grant."""
+    refresh_after: float = 0.0
+    """Provider-clock epoch seconds before which no refresh is tried: set when a refresh
+    could not help (a refreshed session refused again, an answer that was not usable)."""
 
     def replace(self, **changes: Any) -> TokenRecord:
         return dataclasses.replace(self, **changes)
@@ -86,6 +100,8 @@ class TokenRecord:
             "identity_url": self.identity_url,
             "scope": self.scope,
             "reason": self.reason,
+            "grant_id": self.grant_id,
+            "refresh_after": self.refresh_after,
         }
         if self.intent is not None:
             out["intent"] = dataclasses.asdict(self.intent)
@@ -107,11 +123,14 @@ class TokenRecord:
                 identity_url=_str(data.get("identity_url", "")),
                 scope=_str(data.get("scope", "")),
                 reason=_str(data.get("reason", "")),
+                grant_id=_str(data.get("grant_id", "")),
+                refresh_after=float(data.get("refresh_after", 0.0)),
                 intent=None if intent is None else Intent(
                     worker=_str(intent["worker"]),
                     refresh_fingerprint=_str(intent["refresh_fingerprint"]),
                     started_at=float(intent["started_at"]),
-                    lease=int(intent.get("lease", 0))),
+                    lease=int(intent.get("lease", 0)),
+                    id=_str(intent.get("id", ""))),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StoreError(f"malformed token record in store ({type(exc).__name__})") from None
@@ -131,3 +150,14 @@ class Versioned:
     version: int
     locked: bool = False
     """A live worker holds the customer's refresh lock right now."""
+    stamp: int = 0
+    """Moves whenever anything the store keeps for the customer changes: the record,
+    the lock (a lease expiry included) or its rescues. Waiters pass the stamp of what
+    they last saw to ``wait_for_change``, so a wait never returns for a change they
+    have already seen (0: the store did not say; the version stands in)."""
+    rescued: bool = False
+    """Rescue entries exist for the customer (tokens a fenced-out commit kept)."""
+
+    def __post_init__(self) -> None:
+        if self.stamp == 0:
+            object.__setattr__(self, "stamp", self.version)

@@ -52,9 +52,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def emulator_oauth(em: Emulator, **overrides: object) -> OAuthClient:
-    """An OAuth client for the emulator's default app (short timeouts for tests)."""
-    options: dict[str, object] = {"login_url": str(em.base_url), "timeout": 5.0,
-                                  "connect_timeout": 1.0, **overrides}
+    """An OAuth client for the emulator's default app (short timeouts for tests:
+    a token request lasts at most 2.5 s, graces included)."""
+    options: dict[str, object] = {"login_url": str(em.base_url), "timeout": 2.0,
+                                  "connect_timeout": 1.0, "head_grace": 0.1,
+                                  "answer_grace": 0.4, **overrides}
     login_url = str(options.pop("login_url"))
     return OAuthClient(oauth_config(login_url, **options))
 
@@ -68,7 +70,7 @@ def emulator_grant(em: Emulator, customer: str, client_id: str = DEFAULT_CLIENT_
 @pytest.fixture
 async def manager(emulator: Emulator) -> AsyncIterator[TokenManager]:
     mgr = TokenManager(emulator_oauth(emulator), MemoryStore(),
-                       RefreshPolicy(recovery_grace=0.2, busy_backoff=0.05))
+                       RefreshPolicy(lease_margin=0.5, busy_backoff=0.05))
     yield mgr
     await mgr.aclose()
 

@@ -49,8 +49,8 @@ async def test_background_refresh_returns_the_current_token_at_once(emulator: Em
                            RefreshPolicy(background_refresh=True, refresh_margin=600))
     record = await manager.connect("acme", emulator_grant(emulator, "acme"))
     # Inside the refresh margin, not yet expired.
-    near = (await manager.store.put("acme", record.replace(expires_at=time.time() + 60))).record
-    manager._cache_put("acme", near)  # as if this worker had cached it an hour and a half ago
+    put = await manager.store.put("acme", record.replace(expires_at=time.time() + 60))
+    manager._cache_put("acme", put.record, put.version)  # as if this worker had cached it an hour and a half ago
     emulator.faults.set("token", latency=0.2)
     started = time.monotonic()
     current = await manager.token("acme")

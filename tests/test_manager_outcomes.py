@@ -145,8 +145,14 @@ async def test_client_refused_is_a_configuration_error(emulator: Emulator):
     await bad.aclose()
 
 
-async def test_rotate_then_drop_fails_closed_without_a_second_redemption(emulator: Emulator,
-                                                                        manager):
+def _manager(emulator: Emulator, **policy: object) -> TokenManager:
+    policy.setdefault("lease_margin", 0.5)
+    policy.setdefault("busy_backoff", 0.05)
+    return TokenManager(emulator_oauth(emulator), MemoryStore(), RefreshPolicy(**policy))
+
+
+async def test_rotate_then_drop_fails_closed_without_a_second_redemption(emulator: Emulator):
+    manager = _manager(emulator, recovery="fail_closed")
     record = await manager.connect("acme", emulator_grant(emulator, "acme"))
     emulator.faults.set("token", drop_after_rotation=1)
     with pytest.raises(RefreshIndeterminate) as info:
@@ -158,50 +164,76 @@ async def test_rotate_then_drop_fails_closed_without_a_second_redemption(emulato
     assert emulator.ledger["redemptions"] == 1
     assert emulator.ledger["reuse"] == 0
     assert emulator.ledger["revocations"] == 0
+    await manager.aclose()
 
 
-async def test_server_error_is_indeterminate_under_fail_closed(emulator: Emulator, manager):
+async def test_server_error_is_indeterminate_under_fail_closed(emulator: Emulator):
+    manager = _manager(emulator, recovery="fail_closed")
     record = await manager.connect("acme", emulator_grant(emulator, "acme"))
     emulator.faults.set("token", error_rate=1.0, error_status=503)
     with pytest.raises(RefreshIndeterminate):
         await manager.refresh("acme", stale=record.access_token.reveal())
     assert (await stored(manager)).record.status is Status.REAUTH_REQUIRED
     assert emulator.ledger["reuse"] == 0
+    await manager.aclose()
 
 
-async def _introspecting(emulator: Emulator) -> TokenManager:
-    return TokenManager(emulator_oauth(emulator), MemoryStore(),
-                        RefreshPolicy(recovery="introspect"))
-
-
-async def test_introspect_policy_retries_a_token_that_was_not_rotated(emulator: Emulator):
-    mgr = await _introspecting(emulator)
-    record = await mgr.connect("acme", emulator_grant(emulator, "acme"))
+async def test_introspect_refreshes_a_token_that_was_not_rotated(emulator: Emulator, manager):
+    """The default policy: an unknown outcome is left indeterminate, then settled by
+    introspection once no request can be in flight. Sent but never processed:
+    the token is live, so it ends in a refresh, not a lockout (invariant 4)."""
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
     emulator.faults.set("token", reset_before=1)  # sent, but never processed
-    creds = await mgr.refresh("acme", stale=record.access_token.reveal())
+    with pytest.raises(TokenEndpointUnavailable, match="unknown outcome"):
+        await manager.refresh("acme", stale=record.access_token.reveal())
+    assert (await stored(manager)).record.status is Status.INDETERMINATE
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    creds = await manager.refresh("acme", stale=record.access_token.reveal())
+    # Introspection waited until the first request could no longer be in flight.
+    assert loop.time() - started >= manager.oauth.config.exchange_limit
     assert creds.access_token != record.access_token.reveal()
     assert emulator.ledger["redemptions"] == 1
     assert emulator.ledger["reuse"] == 0
-    assert (await mgr.store.read("acme")).record.status is Status.VALID
-    await mgr.aclose()
+    assert (await stored(manager)).record.status is Status.VALID
 
 
-async def test_introspect_policy_fails_closed_when_the_token_was_rotated(emulator: Emulator):
-    mgr = await _introspecting(emulator)
-    record = await mgr.connect("acme", emulator_grant(emulator, "acme"))
+async def test_introspect_marks_a_rotated_token_lost(emulator: Emulator, manager):
+    """Rotated and the answer lost: the successor is gone, re-authorization is justified."""
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
     emulator.faults.set("token", drop_after_rotation=1)
-    with pytest.raises(RefreshIndeterminate):
-        await mgr.refresh("acme", stale=record.access_token.reveal())
+    with pytest.raises(TokenEndpointUnavailable):
+        await manager.refresh("acme", stale=record.access_token.reveal())
+    with pytest.raises(RefreshIndeterminate, match="successor is lost"):
+        await manager.refresh("acme", stale=record.access_token.reveal())
     assert emulator.ledger["redemptions"] == 1
     assert emulator.ledger["reuse"] == 0
-    await mgr.aclose()
+    assert (await stored(manager)).record.status is Status.REAUTH_REQUIRED
+
+
+async def test_introspection_error_is_unknown_never_active(emulator: Emulator, manager):
+    """Issue 10, item 8: an introspection that fails says nothing: wait, never redeem."""
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
+    emulator.faults.set("token", reset_before=1)
+    with pytest.raises(TokenEndpointUnavailable):
+        await manager.refresh("acme", stale=record.access_token.reveal())
+    emulator.faults.set("introspect", error_rate=1.0, error_status=503)
+    with pytest.raises(TokenEndpointUnavailable, match="cannot settle"):
+        await manager.refresh("acme", stale=record.access_token.reveal())
+    assert emulator.ledger["redemptions"] == 0
+    assert (await stored(manager)).record.status is Status.INDETERMINATE
+    emulator.faults.set("introspect", error_rate=0.0)
+    fresh = await manager.refresh("acme", stale=record.access_token.reveal())
+    assert fresh.access_token != record.access_token.reveal()
+    assert emulator.ledger["redemptions"] == 1
+    assert emulator.ledger["reuse"] == 0
 
 
 async def test_reuse_window_policy_redeems_again(emulator: Emulator):
     emulator.add_app("leeway", "leeway-secret", reuse_window=30.0)
     mgr = TokenManager(emulator_oauth(emulator, client_id="leeway",
                                       client_secret=Secret("leeway-secret")),
-                       MemoryStore(), RefreshPolicy(recovery="reuse_window"))
+                       MemoryStore(), RefreshPolicy(recovery="reuse_window", reuse_window=30.0))
     record = await mgr.connect("acme", emulator_grant(emulator, "acme", "leeway",
                                                       "leeway-secret"))
     emulator.faults.set("token", drop_after_rotation=1)
@@ -213,6 +245,24 @@ async def test_reuse_window_policy_redeems_again(emulator: Emulator):
     await mgr.aclose()
 
 
+def test_reuse_window_that_recovery_cannot_meet_is_refused(emulator: Emulator):
+    """Issue 10, item 9: a takeover comes at the earliest a lease TTL after the first
+    request; a window shorter than that cannot be used, so the configuration is refused."""
+
+    class LeasedStore(MemoryStore):
+        @property
+        def lease_ttl(self) -> float:
+            return 30.0
+
+    with pytest.raises(ConfigurationError, match="reuse_window"):
+        TokenManager(emulator_oauth(emulator), LeasedStore(),
+                     RefreshPolicy(recovery="reuse_window", reuse_window=30.0))
+    TokenManager(emulator_oauth(emulator), LeasedStore(),
+                 RefreshPolicy(recovery="reuse_window", reuse_window=60.0))
+    with pytest.raises(ConfigurationError):
+        RefreshPolicy(recovery="reuse_window")
+
+
 async def test_busy_is_never_counted_as_reuse(emulator: Emulator, manager, http):
     grant = emulator_grant(emulator, "acme")
     await manager.connect("acme", grant)
@@ -220,7 +270,7 @@ async def test_busy_is_never_counted_as_reuse(emulator: Emulator, manager, http)
     # A client outside sfrtr redeems the same refresh token at the same time.
     outsider = asyncio.create_task(raw_refresh(http, emulator, grant.refresh_token.reveal()))
     await asyncio.sleep(0.05)
-    with pytest.raises(RefreshIndeterminate, match="concurrently"):
+    with pytest.raises(TokenEndpointUnavailable, match="concurrently"):
         await manager.refresh("acme", stale=grant.access_token.reveal())
     assert (await outsider)[0] == 200
     assert emulator.ledger["concurrent_rejections"] == 1
@@ -229,7 +279,22 @@ async def test_busy_is_never_counted_as_reuse(emulator: Emulator, manager, http)
     assert emulator.ledger["redemptions"] == 1  # the outsider's
 
 
-async def test_orphaned_intent_is_taken_over_after_grace(emulator: Emulator, manager):
+async def test_orphan_that_never_sent_ends_in_a_refresh(emulator: Emulator, manager):
+    """A worker that died before its request left must not cost a re-authorization."""
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
+    await leave_orphan(manager, record)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    token = await manager.token("acme")
+    assert loop.time() - started >= manager.oauth.config.exchange_limit  # the grace period
+    assert token != record.access_token.reveal()
+    assert emulator.ledger["redemptions"] == 1
+    assert emulator.ledger["reuse"] == 0
+    assert (await stored(manager)).record.status is Status.VALID
+
+
+async def test_orphaned_intent_fails_closed_after_grace(emulator: Emulator):
+    manager = _manager(emulator, recovery="fail_closed", recovery_grace=0.2)
     record = await manager.connect("acme", emulator_grant(emulator, "acme"))
     await leave_orphan(manager, record)
     loop = asyncio.get_running_loop()
@@ -239,6 +304,7 @@ async def test_orphaned_intent_is_taken_over_after_grace(emulator: Emulator, man
     assert loop.time() - started >= 0.2  # the grace period
     assert emulator.ledger["redemptions"] == 0  # never a blind second redemption
     assert (await stored(manager)).record.status is Status.REAUTH_REQUIRED
+    await manager.aclose()
 
 
 async def test_orphan_writer_committing_during_grace_is_adopted(emulator: Emulator, manager):

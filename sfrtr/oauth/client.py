@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -34,16 +35,18 @@ log = logging.getLogger("sfrtr.oauth")
 
 BUSY_MARKER = "already being processed"
 MAX_ANSWER_BYTES = 64 * 1024
-HEAD_GRACE = 0.25
-"""Seconds past the deadline for an answer that may already sit in the socket buffer."""
-ANSWER_GRACE = 2.0
-"""Seconds granted past the deadline to an answer whose head has arrived."""
+LEASE_TOO_SHORT = "lease_too_short"
+"""``RefreshOutcome.error`` when the caller's lease could not cover the request."""
+REDIRECT_REFUSED = "redirect_refused"
 
 #: Failures that happen before the request is written: the token is untouched.
 _BEFORE_SEND: tuple[type[BaseException], ...] = (
     aiohttp.ClientConnectorError,  # refused, DNS, TLS handshake, proxy connect
     aiohttp.ConnectionTimeoutError,
     aiohttp.InvalidURL,
+    # The proxy refused the CONNECT (407, 403, 502): no tunnel, nothing reached the
+    # token endpoint. aiohttp raises this only while setting up the tunnel.
+    aiohttp.ClientHttpProxyError,
 )
 
 
@@ -67,6 +70,10 @@ class OAuthConfig:
     timeout: float = 10.0
     """Seconds for a whole token request. Also bounds a refresh's critical section."""
     connect_timeout: float = 5.0
+    head_grace: float = 0.25
+    """Seconds past ``timeout`` for an answer that may already sit in the socket buffer."""
+    answer_grace: float = 2.0
+    """Seconds past ``timeout`` granted to an answer whose head has arrived."""
     max_concurrent: int = 64
     """Token-endpoint requests in flight at once; more wait their turn before
     sending (a storm of refreshes must not become a storm of TCP connects)."""
@@ -86,6 +93,14 @@ class OAuthConfig:
             raise ConfigurationError("max_concurrent must be at least 1")
         if self.connect_timeout >= self.timeout:
             raise ConfigurationError("connect_timeout must be shorter than timeout")
+        if self.head_grace < 0 or self.answer_grace < 0:
+            raise ConfigurationError("answer graces cannot be negative")
+
+    @property
+    def exchange_limit(self) -> float:
+        """The longest one token request can take, graces included: after this, a
+        request sent by this client can no longer be waiting for its answer."""
+        return self.timeout + self.head_grace + self.answer_grace
 
     @property
     def token_url(self) -> str:
@@ -140,18 +155,28 @@ class OAuthClient:
             form["client_secret"] = self.config.client_secret.reveal()
         return form
 
-    async def _post(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
+    async def _post(self, url: str, form: dict[str, str],
+                    budget: Callable[[], float | None] | None = None) -> tuple[int, bytes]:
         """POST a form; the whole exchange is bounded by ``config.timeout``.
 
         The deadline is ours, not aiohttp's, for one reason: an answer that
         has already arrived must not be thrown away because the deadline
         passed while this process was paused (a stopped or starved process
         wakes with both the answer and the expired timer ready). If the
-        answer's head arrived, the body gets ``ANSWER_GRACE`` more seconds.
+        answer's head arrived, the body gets ``answer_grace`` more seconds.
+
+        ``budget`` is asked after the wait for a slot, right before the request
+        starts, with no await in between: if it gives less than
+        :attr:`OAuthConfig.exchange_limit` seconds, :class:`_NoBudget` is raised
+        and nothing is sent (the caller's lease would not cover the request).
         """
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_concurrent)
         async with self._slots:  # waiting here sends nothing and starts no deadline
+            if budget is not None:
+                left = budget()
+                if left is not None and left < self.config.exchange_limit:
+                    raise _NoBudget(left)
             return await self._post_now(url, form)
 
     async def _post_now(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
@@ -163,9 +188,9 @@ class OAuthClient:
                 # A process that was paused wakes with the timer and the answer
                 # both ready; give the answer a moment to be parsed first.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(answered.wait(), HEAD_GRACE)
+                    await asyncio.wait_for(answered.wait(), self.config.head_grace)
                 if answered.is_set() and not exchange.done():
-                    await asyncio.wait({exchange}, timeout=ANSWER_GRACE)
+                    await asyncio.wait({exchange}, timeout=self.config.answer_grace)
             if not exchange.done():
                 raise TimeoutError("token endpoint did not answer in time")
             return exchange.result()
@@ -179,8 +204,10 @@ class OAuthClient:
                         answered: asyncio.Event) -> tuple[int, bytes]:
         options = self.config.request_options(url)
         headers = {"Accept": "application/json", **options.pop("headers", {})}
+        # Never follow a redirect: a 307/308 would re-post the refresh token and the
+        # client secret to whatever host the answer names.
         async with self.session.post(url, data=form, timeout=self._timeout, headers=headers,
-                                     **options) as resp:
+                                     allow_redirects=False, **options) as resp:
             answered.set()
             body = bytearray()
             while chunk := await resp.content.read(MAX_ANSWER_BYTES + 1 - len(body)):
@@ -191,12 +218,23 @@ class OAuthClient:
 
     # -- refresh -------------------------------------------------------------
 
-    async def refresh(self, refresh_token: Secret) -> RefreshOutcome:
+    async def refresh(self, refresh_token: Secret, *,
+                      budget: Callable[[], float | None] | None = None) -> RefreshOutcome:
         """Present ``refresh_token`` once and classify what happened. Never raises
-        for the provider's or the network's failures."""
+        for the provider's or the network's failures.
+
+        ``budget`` (seconds the caller can still vouch for, e.g. its lease's
+        remaining time less a margin; ``None``: unbounded) is checked after any
+        queueing, immediately before the request starts. Too little gives a
+        ``NOT_SENT`` outcome with error :data:`LEASE_TOO_SHORT`.
+        """
         form = self._form(grant_type="refresh_token", refresh_token=refresh_token.reveal())
         try:
-            status, raw = await self._post(self.config.token_url, form)
+            status, raw = await self._post(self.config.token_url, form, budget)
+        except _NoBudget as exc:
+            return RefreshOutcome(OutcomeKind.NOT_SENT, error=LEASE_TOO_SHORT,
+                                  description=f"only {exc.left:.1f}s of lease left for a "
+                                  f"{self.config.exchange_limit:.1f}s request; not sent")
         except _BEFORE_SEND as exc:
             return RefreshOutcome(OutcomeKind.NOT_SENT, error=type(exc).__name__,
                                   description="could not connect to the token endpoint")
@@ -212,6 +250,12 @@ class OAuthClient:
         if status >= 500:
             return RefreshOutcome(OutcomeKind.INDETERMINATE, error=f"http_{status}",
                                   description="token endpoint answered with a server error")
+        if 300 <= status < 400:
+            # A redirect is an answer from a server that did not process the request
+            # (and the request was not re-sent anywhere): the token is untouched.
+            return RefreshOutcome(OutcomeKind.NOT_SENT, error=REDIRECT_REFUSED,
+                                  description=f"token endpoint answered {status} (a redirect); "
+                                  "not followed: check login_url")
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -221,8 +265,10 @@ class OAuthClient:
                 grant = parse_grant(body, policy=self.config.instance_policy,
                                     client_secret=self.config.client_secret)
             except InvalidTokenResponse as exc:
+                # A 2xx means the presented token may be burnt: keep its successor
+                # whenever it can be read, even from an answer we refuse to use.
                 return RefreshOutcome(OutcomeKind.INVALID, error="InvalidTokenResponse",
-                                      description=str(exc))
+                                      description=str(exc), salvaged=salvage_refresh(body))
             return RefreshOutcome(OutcomeKind.OK, grant=grant)
         error, description = _error_fields(body)
         if error == "invalid_grant":
@@ -298,6 +344,21 @@ class OAuthClient:
             if 200 <= status < 300:
                 raise InvalidTokenResponse("token endpoint answer is not JSON") from None
             return status, None
+
+
+class _NoBudget(Exception):
+    def __init__(self, left: float) -> None:
+        super().__init__(f"{left:.1f}s left")
+        self.left = left
+
+
+def salvage_refresh(body: Any) -> Secret | None:
+    """The refresh token of a 2xx answer that failed validation, if it can be read."""
+    if isinstance(body, dict):
+        token = body.get("refresh_token")
+        if isinstance(token, str) and 0 < len(token) <= 4096 and token.isprintable():
+            return Secret(token)
+    return None
 
 
 def basic_credentials(user: str, password: str) -> str:

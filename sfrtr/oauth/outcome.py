@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from sfrtr.oauth.grant import TokenGrant
+from sfrtr.secret import Secret
 
 
 class OutcomeKind(enum.StrEnum):
@@ -24,8 +25,10 @@ class OutcomeKind(enum.StrEnum):
     have been rotated."""
     INVALID = "invalid"
     """A 2xx answer that failed validation (not JSON, missing fields, bad
-    signature, disallowed instance URL). Nothing from it can be trusted,
-    so nothing from it is stored."""
+    signature, disallowed instance URL). The presented refresh token may be
+    burnt: it is never presented again. ``salvaged`` holds the answer's new
+    refresh token when it could be read; without it the outcome is as
+    ambiguous as an INDETERMINATE one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +39,5 @@ class RefreshOutcome:
     """The provider's error code, or the transport failure's class name."""
     description: str = ""
     """Human-readable detail; never contains a token."""
+    salvaged: Secret | None = None
+    """INVALID only: the new refresh token read from the refused answer."""

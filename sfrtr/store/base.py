@@ -27,8 +27,9 @@ class TokenStore(Protocol):
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
         """Write ``record`` unconditionally (a first grant, or a re-authorization).
 
-        Any lock is released and any in-flight refresh is fenced out: its
-        commit will fail its compare and go to rescue.
+        Any lock is released, rescues of the replaced grant are dropped, and any
+        in-flight refresh is fenced out: its commit fails its compare (its tokens
+        then go to a rescue that no one adopts: they belong to the old grant).
         """
 
     async def acquire(self, customer: str, expected_version: int,
@@ -38,7 +39,9 @@ class TokenStore(Protocol):
         Succeeds only if the record is still at ``expected_version`` and no
         live worker holds the lock. The record is rewritten with status
         ``refreshing`` and ``intent``; the returned version is the fence.
-        Returns ``None`` if the compare failed.
+        Returns ``None`` if the compare failed. A store whose answers can be
+        lost recognises its own applied write by ``intent.id`` (a retried
+        request whose first attempt landed) and returns it as a success.
         """
 
     async def commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
@@ -58,13 +61,19 @@ class TokenStore(Protocol):
     async def drop_rescue(self, customer: str, fence: int) -> None:
         """Forget one rescue entry (after adopting or superseding it)."""
 
-    async def wait_for_change(self, customer: str, after_version: int,
+    async def wait_for_change(self, customer: str, after: int,
                               timeout: float) -> Versioned | None:
-        """Wait until the record moves past ``after_version``, its lock is released,
-        or a rescue entry appears; return the current state. ``None`` on timeout."""
+        """Wait until anything kept for the customer changes after the state whose
+        :attr:`~sfrtr.records.Versioned.stamp` is ``after`` (the record, the lock,
+        a rescue entry); return the current state, ``None`` on timeout.
 
-    async def delete(self, customer: str) -> None:
-        """Remove the customer's record, lock and rescues."""
+        Returns at once only if the stamp already moved: a caller that passes the
+        stamp of what it last read never spins.
+        """
+
+    async def delete(self, customer: str, *, version: int | None = None) -> bool:
+        """Remove the customer's record, lock and rescues; with ``version``, only if
+        the record is still at that version. Returns whether it deleted."""
 
     async def customers(self) -> list[str]:
         """Every customer with a stored record."""

@@ -44,7 +44,7 @@ log = logging.getLogger("sfrtr.etcd")
 Subscriber = Callable[[str, Versioned | None], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Mirror:
     """What this process knows of one customer, and as of which revision."""
 
@@ -52,13 +52,24 @@ class _Mirror:
     version: int = 0
     locked: bool = False
     observed: int = 0
-    """The store revision this view is known to be current at."""
+    """The revision the record and lock state are known to be current at (a direct
+    read's, or the last watch event applied); older events are not applied."""
     changed: int = 0
-    """The revision of the last change seen to any of the customer's keys."""
+    """The revision of the last change seen to any of the customer's keys: the
+    stamp waiters compare against."""
+    rescues: set[int] | None = None
+    """Fences of the customer's rescue entries (``None``: none)."""
 
 
 def _encode(record: TokenRecord) -> bytes:
     return orjson.dumps(record.to_dict())
+
+
+def _rescue_fence(key: bytes) -> int | None:
+    try:
+        return int(key.rpartition(b"/")[2])
+    except ValueError:
+        return None
 
 
 def _decode(raw: bytes) -> TokenRecord:
@@ -77,11 +88,16 @@ class EtcdStore:
     """
 
     def __init__(self, settings: EtcdSettings | None = None, *, namespace: str = "sfrtr",
-                 lease_ttl: int = 30) -> None:
+                 lease_ttl: int = 30, page_size: int = 1000) -> None:
         if not namespace or namespace.endswith("/"):
             raise ValueError("namespace must be non-empty and not end with '/'")
         if lease_ttl < 2:
             raise ValueError("lease_ttl must be at least 2 seconds")
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        self.page_size = page_size
+        """Keys per Range page when loading the namespace (a page must fit in one
+        gRPC message: 1,000 records are about 1 MB)."""
         self.client = EtcdClient(settings or EtcdSettings())
         self.namespace = namespace
         self._prefix = f"{namespace}/".encode()
@@ -236,26 +252,40 @@ class EtcdStore:
     # -- the mirror and the watch --------------------------------------------
 
     async def _resync(self) -> None:
-        revision, kvs = await self.client.range(self._prefix, prefix=True)
+        """Load the whole namespace, page by page, as one snapshot (every page is
+        read at the first page's revision), then watch from the next revision."""
         fresh: dict[str, _Mirror] = {}
-        for kv in kvs:
-            parsed = self._parse_key(kv.key)
-            if parsed is None:
-                continue
-            kind, customer = parsed
-            m = fresh.setdefault(customer, _Mirror(observed=revision))
-            if kind == "tok":
-                with contextlib.suppress(StoreError):
-                    m.record = _decode(kv.value)
-                m.version = kv.mod_revision
-            elif kind == "lock":
-                m.locked = True
-            m.changed = max(m.changed, kv.mod_revision)
+        revision = 0
+        async for revision, kvs in self.client.range_pages(self._prefix, self.page_size):
+            for kv in kvs:
+                parsed = self._parse_key(kv.key)
+                if parsed is None:
+                    continue
+                kind, customer = parsed
+                m = fresh.get(customer)
+                if m is None:
+                    m = fresh[customer] = _Mirror(observed=revision)
+                if kind == "tok":
+                    try:
+                        m.record = _decode(kv.value)
+                    except StoreError as exc:
+                        log.error("customer %s: %s", customer, exc)
+                    m.version = kv.mod_revision
+                elif kind == "lock":
+                    m.locked = True
+                else:
+                    fence = _rescue_fence(kv.key)
+                    if fence is not None:
+                        m.rescues = (m.rescues or set()) | {fence}
+                m.changed = max(m.changed, kv.mod_revision)
         for customer, old in self._mirror.items():
-            if customer not in fresh:  # deleted while we were not watching
-                fresh[customer] = _Mirror(observed=revision, changed=revision)
-            elif (old.version, old.locked) != (fresh[customer].version, fresh[customer].locked):
-                fresh[customer].changed = revision
+            new = fresh.get(customer)
+            if new is None:  # deleted while we were not watching
+                fresh[customer] = _Mirror(observed=revision, changed=max(old.changed, revision))
+            elif (old.version, old.locked, old.rescues) != (new.version, new.locked, new.rescues):
+                new.changed = max(old.changed, revision)
+            else:
+                new.changed = max(new.changed, old.changed)
         self._mirror = fresh
         self._watch_from = revision + 1
         self._synced = True
@@ -282,14 +312,32 @@ class EtcdStore:
 
     def _apply_batch(self, batch: WatchBatch) -> None:
         for event in batch.events:
+            revision = event.kv.mod_revision
+            # Only delivered events move the resume point: a reply's header
+            # revision (the watch-created reply's above all) may run ahead of
+            # events still on their way.
+            self._watch_from = max(self._watch_from, revision + 1)
             parsed = self._parse_key(event.kv.key)
             if parsed is None:
                 continue
             kind, customer = parsed
-            revision = event.kv.mod_revision
-            m = self._mirror.setdefault(customer, _Mirror())
+            m = self._mirror.get(customer)
+            if m is None:
+                m = self._mirror[customer] = _Mirror()
             m.changed = max(m.changed, revision)
-            if revision > m.observed:
+            if kind == "rescue":
+                # Direct reads never cover rescues: only events (and resyncs) do.
+                fence = _rescue_fence(event.kv.key)
+                if fence is not None:
+                    found = m.rescues or set()
+                    if event.kind == "put":
+                        found.add(fence)
+                    else:
+                        found.discard(fence)
+                    m.rescues = found or None
+                self._notify(customer, m)
+            elif revision >= m.observed:  # one Txn puts several keys at one revision
+                m.observed = revision
                 if kind == "tok":
                     if event.kind == "put":
                         try:
@@ -301,17 +349,15 @@ class EtcdStore:
                     else:
                         m.record, m.version = None, 0
                     self._notify(customer, m)
-                elif kind == "lock":
+                else:
                     m.locked = event.kind == "put"
             self._wake(customer)
-        self._watch_from = max(self._watch_from, batch.revision + 1)
-        for m in self._mirror.values():
-            m.observed = max(m.observed, batch.revision)
 
     def _observe(self, customer: str, revision: int, tok: list[KV], lock: list[KV]) -> _Mirror:
         """Fold a direct read (or a Txn's ranges) at ``revision`` into the mirror."""
         m = self._mirror.setdefault(customer, _Mirror())
         if revision >= m.observed:
+            before = (m.version, m.locked)
             if tok:
                 m.record = _decode(tok[0].value)
                 m.version = tok[0].mod_revision
@@ -319,7 +365,10 @@ class EtcdStore:
                 m.record, m.version = None, 0
             m.locked = bool(lock)
             m.observed = revision
-            m.changed = max(m.changed, m.version, lock[0].mod_revision if lock else 0)
+            if (m.version, m.locked) != before:
+                # A deletion (a lock gone with its lease) has no revision of its
+                # own to show: the read's revision stands in.
+                m.changed = max(m.changed, revision)
         return m
 
     def _wrote(self, customer: str, revision: int, record: TokenRecord | None,
@@ -337,7 +386,7 @@ class EtcdStore:
             event.set()
 
     def _notify(self, customer: str, m: _Mirror) -> None:
-        state = None if m.record is None else Versioned(m.record, m.version, m.locked)
+        state = self._view(m)
         for callback in self._subscribers:
             try:
                 callback(customer, state)
@@ -348,7 +397,8 @@ class EtcdStore:
     def _view(m: _Mirror | None) -> Versioned | None:
         if m is None or m.record is None:
             return None
-        return Versioned(m.record, m.version, m.locked)
+        return Versioned(m.record, m.version, m.locked, stamp=m.changed,
+                         rescued=m.rescues is not None)
 
     # -- TokenStore --------------------------------------------------------------
 
@@ -366,9 +416,11 @@ class EtcdStore:
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
         await self._ensure()
         result = await self.client.txn(
-            [], [put(self._tok(customer), _encode(record)), delete(self._lock(customer))])
+            [], [put(self._tok(customer), _encode(record)), delete(self._lock(customer)),
+                 delete(self._rescue_prefix(customer), prefix=True)])
         self._wrote(customer, result.revision, record, False)
-        return Versioned(record, result.revision, False)
+        self._mirror[customer].rescues = None
+        return Versioned(record, result.revision, False, stamp=result.revision)
 
     async def acquire(self, customer: str, expected_version: int,
                       intent: Intent) -> Versioned | None:
@@ -377,7 +429,8 @@ class EtcdStore:
         if current is None or current.record is None:
             return None
         lease = await self._live_lease()
-        intent = Intent(intent.worker, intent.refresh_fingerprint, intent.started_at, lease)
+        intent = Intent(intent.worker, intent.refresh_fingerprint, intent.started_at, lease,
+                        intent.id)
         # The record body comes from the version we compare against: if the
         # compare holds, this is exactly the record at expected_version.
         if current.version != expected_version:
@@ -394,10 +447,17 @@ class EtcdStore:
             self._lose_lease("etcd refused it for a write")
             raise
         if not result.succeeded:
-            self._observe(customer, result.revision, *result.ranges)
+            tok_kvs, lock_kvs = result.ranges
+            m = self._observe(customer, result.revision, tok_kvs, lock_kvs)
+            landed = m.record is not None and m.record.intent is not None and \
+                bool(intent.id) and m.record.intent.id == intent.id and \
+                bool(lock_kvs) and lock_kvs[0].lease == lease
+            if landed and m.record is not None:
+                # A retried request whose first attempt landed: the lock is ours.
+                return Versioned(m.record, m.version, True, stamp=m.changed)
             return None
         self._wrote(customer, result.revision, record, True)
-        return Versioned(record, result.revision, True)
+        return Versioned(record, result.revision, True, stamp=result.revision)
 
     async def _refresh_view(self, customer: str) -> None:
         result = await self.client.txn([], [get(self._tok(customer)), get(self._lock(customer))])
@@ -414,12 +474,26 @@ class EtcdStore:
             self._observe(customer, result.revision, *result.ranges)
             return None
         self._wrote(customer, result.revision, record, False)
-        return Versioned(record, result.revision, False)
+        return Versioned(record, result.revision, False, stamp=result.revision)
+
+    def _wrote_rescue(self, customer: str, fence: int, revision: int, present: bool) -> None:
+        m = self._mirror.get(customer)
+        if m is None:
+            m = self._mirror[customer] = _Mirror()
+        found = m.rescues or set()
+        if present:
+            found.add(fence)
+        else:
+            found.discard(fence)
+        m.rescues = found or None
+        m.changed = max(m.changed, revision)
+        self._wake(customer)
 
     async def save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
         await self._ensure()
-        await self.client.txn([], [put(self._rescue_prefix(customer) + b"%020d" % fence,
-                                       _encode(record))])
+        result = await self.client.txn(
+            [], [put(self._rescue_prefix(customer) + b"%020d" % fence, _encode(record))])
+        self._wrote_rescue(customer, fence, result.revision, True)
 
     async def rescues(self, customer: str) -> list[tuple[int, TokenRecord]]:
         await self._ensure()
@@ -434,15 +508,17 @@ class EtcdStore:
 
     async def drop_rescue(self, customer: str, fence: int) -> None:
         await self._ensure()
-        await self.client.txn([], [delete(self._rescue_prefix(customer) + b"%020d" % fence)])
+        result = await self.client.txn(
+            [], [delete(self._rescue_prefix(customer) + b"%020d" % fence)])
+        self._wrote_rescue(customer, fence, result.revision, False)
 
-    async def wait_for_change(self, customer: str, after_version: int,
+    async def wait_for_change(self, customer: str, after: int,
                               timeout: float) -> Versioned | None:
         await self._ensure()
         deadline = time.monotonic() + timeout
         while True:
             m = self._mirror.get(customer)
-            if m is not None and m.changed > after_version:
+            if m is not None and m.changed > after:
                 return await self.read(customer)
             left = deadline - time.monotonic()
             if left <= 0:
@@ -455,12 +531,20 @@ class EtcdStore:
             if not self._synced:
                 return await self.read(customer)
 
-    async def delete(self, customer: str) -> None:
+    async def delete(self, customer: str, *, version: int | None = None) -> bool:
         await self._ensure()
-        result = await self.client.txn([], [
-            delete(self._tok(customer)), delete(self._lock(customer)),
-            delete(self._rescue_prefix(customer), prefix=True)])
+        tok = self._tok(customer)
+        result = await self.client.txn(
+            [] if version is None else [compare(tok, "mod", "==", version)],
+            [delete(tok), delete(self._lock(customer)),
+             delete(self._rescue_prefix(customer), prefix=True)],
+            [get(tok), get(self._lock(customer))])
+        if not result.succeeded:
+            self._observe(customer, result.revision, *result.ranges)
+            return False
         self._wrote(customer, result.revision, None, False)
+        self._mirror[customer].rescues = None
+        return True
 
     async def customers(self) -> list[str]:
         await self._ensure()

@@ -37,6 +37,13 @@ _OPS = {"==": rpc.Compare.EQUAL, "!=": rpc.Compare.NOT_EQUAL, "<": rpc.Compare.L
         ">": rpc.Compare.GREATER}
 
 
+_CHANNEL_OPTIONS = [
+    # Namespace loads are paginated (EtcdClient.range_pages); this is only a margin
+    # for one large page or a watch batch of big records, above gRPC's 4 MiB default.
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+]
+
+
 def compare(key: bytes, target: Target, op: str, value: int | bytes) -> Any:
     """Build a Txn compare whose filled field always matches its target.
 
@@ -200,9 +207,9 @@ class EtcdClient:
                     root_certificates=_read(self.settings.ca_file),
                     private_key=_read(self.settings.key_file),
                     certificate_chain=_read(self.settings.cert_file))
-                channel = grpc.aio.secure_channel(target, credentials)
+                channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
             else:
-                channel = grpc.aio.insecure_channel(target)
+                channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
             self._channel = channel
             self._kv = rpc.KVStub(channel)
             self._lease = rpc.LeaseStub(channel)
@@ -278,6 +285,24 @@ class EtcdClient:
             key=key, range_end=end, keys_only=keys_only))
         return reply.header.revision, [_kv(kv) for kv in reply.kvs]
 
+    async def range_pages(self, prefix: bytes, page_size: int
+                          ) -> AsyncIterator[tuple[int, list[KV]]]:
+        """Every key under ``prefix``, ``page_size`` keys per round trip, all pages
+        read at the first page's revision (one consistent snapshot). Yields
+        ``(revision, kvs)``. A compaction past that revision between two pages
+        fails the read (:class:`StoreError`): start again."""
+        start, end, revision = prefix, prefix_end(prefix), 0
+        while True:
+            reply = await self._unary("_kv", "Range", rpc.RangeRequest(
+                key=start, range_end=end, limit=page_size, revision=revision))
+            if revision == 0:
+                revision = reply.header.revision
+            kvs = [_kv(kv) for kv in reply.kvs]
+            yield revision, kvs
+            if not reply.more or not kvs:
+                return
+            start = kvs[-1].key + b"\0"
+
     async def compact(self, revision: int) -> None:
         """Discard history before ``revision`` (operators do this; tests too)."""
         await self._unary("_kv", "Compact", rpc.CompactionRequest(revision=revision,
@@ -328,6 +353,10 @@ class EtcdClient:
                     return
                 if reply.canceled:
                     raise StoreError(f"etcd watch canceled: {reply.cancel_reason}")
+                if reply.created and not reply.events:
+                    # Its header revision is the store's, not a promise that every
+                    # event up to it was delivered: nothing to yield.
+                    continue
                 events = [WatchEvent("delete" if e.type == rpc.Event.DELETE else "put",
                                      _kv(e.kv)) for e in reply.events]
                 yield WatchBatch(reply.header.revision, events)

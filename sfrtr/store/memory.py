@@ -16,6 +16,7 @@ from sfrtr.records import Intent, Status, TokenRecord, Versioned
 class MemoryStore:
     def __init__(self) -> None:
         self._records: dict[str, tuple[TokenRecord, int]] = {}
+        self._stamps: dict[str, int] = {}
         self._locked: set[str] = set()
         self._rescues: dict[str, dict[int, TokenRecord]] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -32,13 +33,15 @@ class MemoryStore:
             self._locked.discard(customer)
         version = self._bump(customer)
         self._records[customer] = (record, version)
-        state = Versioned(record, version, locked)
+        state = self._view(customer)
+        assert state is not None
         for callback in self._subscribers:
             callback(customer, state)
         return state
 
     def _bump(self, customer: str) -> int:
         self._revision += 1
+        self._stamps[customer] = self._revision
         event = self._changed.pop(customer, None)
         if event is not None:
             event.set()
@@ -48,12 +51,14 @@ class MemoryStore:
         found = self._records.get(customer)
         if found is None:
             return None
-        return Versioned(found[0], found[1], customer in self._locked)
+        return Versioned(found[0], found[1], customer in self._locked,
+                         stamp=self._stamps[customer], rescued=bool(self._rescues.get(customer)))
 
     async def read(self, customer: str) -> Versioned | None:
         return self._view(customer)
 
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
+        self._rescues.pop(customer, None)  # a new grant: the old one's rescues are moot
         return self._store(customer, record, False)
 
     async def acquire(self, customer: str, expected_version: int,
@@ -79,15 +84,16 @@ class MemoryStore:
 
     async def drop_rescue(self, customer: str, fence: int) -> None:
         entries = self._rescues.get(customer)
-        if entries is not None:
-            entries.pop(fence, None)
+        if entries is not None and fence in entries:
+            del entries[fence]
             if not entries:
                 del self._rescues[customer]
+            self._bump(customer)
 
-    async def wait_for_change(self, customer: str, after_version: int,
+    async def wait_for_change(self, customer: str, after: int,
                               timeout: float) -> Versioned | None:
         current = self._view(customer)
-        if current is None or current.version != after_version:
+        if current is None or current.stamp != after:
             return current
         event = self._changed.setdefault(customer, asyncio.Event())
         try:
@@ -96,13 +102,17 @@ class MemoryStore:
             return None
         return self._view(customer)
 
-    async def delete(self, customer: str) -> None:
+    async def delete(self, customer: str, *, version: int | None = None) -> bool:
+        found = self._records.get(customer)
+        if version is not None and (found is None or found[1] != version):
+            return False
         self._records.pop(customer, None)
         self._locked.discard(customer)
         self._rescues.pop(customer, None)
         self._bump(customer)
         for callback in self._subscribers:
             callback(customer, None)
+        return True
 
     async def customers(self) -> list[str]:
         return list(self._records)
