@@ -8,7 +8,6 @@ the same kind persists; ``report`` is what a failing test prints.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import os
@@ -17,6 +16,8 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+
+from sfrtr.errors import ConfigurationError
 
 from .clock import FakeTime, SimLoop, patched_time
 from .etcd_model import EtcdModel
@@ -78,7 +79,11 @@ def run(seed: int, plan: Plan | None = None) -> Outcome:
                              timeout=cfg.provider_timeout)
     with _quiet_collection():
         with patched_time(fake), sfrtr_logs_into(trace):
-            world = World(seed, plan, loop, fake, skews, etcd, endpoint, trace)
+            try:
+                world = World(seed, plan, loop, fake, skews, etcd, endpoint, trace)
+            except ConfigurationError as exc:
+                loop.close()
+                return _refused(seed, plan, trace, exc, time.process_time() - started)
             main = loop.create_task(world.main())
             try:
                 loop.run_until_complete(main)
@@ -92,6 +97,26 @@ def run(seed: int, plan: Plan | None = None) -> Outcome:
         loop.close()
         del world, main, loop
     return outcome
+
+
+def _refused(seed: int, plan: Plan, trace: Trace, exc: ConfigurationError,
+             cpu: float) -> Outcome:
+    """A manager that refuses its configuration at construction passes only when the
+    configuration cannot work: a reuse window shorter than a takeover can come."""
+    cfg = plan.config
+    needed = cfg.provider_timeout + 2.25 + 2.0
+    unworkable = cfg.recovery == "reuse_window" and cfg.reuse_window <= cfg.lease_ttl + needed
+    trace.add(None, f"configuration refused: {exc}")
+    violations = [] if unworkable else [f"refused: a workable configuration was refused: {exc}"]
+    return Outcome(seed, plan, violations, trace, 0.0, cpu, 0, 0)
+
+
+def run_block(block: tuple[int, int]) -> tuple[int, float, list[int]]:
+    """Run seeds ``first .. first+count-1``; the failing seeds (for process pools)."""
+    first, count = block
+    started = time.process_time()
+    failing = [s for s in range(first, first + count) if run(s).failed]
+    return count, time.process_time() - started, failing
 
 
 def shrink(outcome: Outcome, budget: int = 40) -> Outcome:
@@ -114,7 +139,7 @@ def report(outcome: Outcome) -> str:
     lines = [
         f"simulation failed: seed {outcome.seed} "
         f"(replay: SFRTR_SIM_SEED={outcome.seed} SFRTR_SIM_RUNS=1 "
-        ".venv/bin/pytest tests/sim -k replay)",
+        ".venv/bin/pytest tests/sim -k schedules)",
         *[f"  VIOLATION {v}" for v in outcome.violations[:20]],
         "plan:", outcome.plan.describe(),
         f"virtual time {outcome.virtual:.1f}s, {outcome.steps} callbacks, "
@@ -133,4 +158,4 @@ def seeds(default_runs: int) -> tuple[int, int]:
     return first, runs
 
 
-__all__ = ["Outcome", "asyncio", "report", "run", "seeds", "shrink"]
+__all__ = ["Outcome", "report", "run", "run_block", "seeds", "shrink"]
