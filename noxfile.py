@@ -46,10 +46,3 @@ def sim(session: nox.Session) -> None:
     """Long deterministic-simulation runs (``-- --runs 200000 --jobs 2 --seed N``)."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "tests.sim", *(session.posargs or ["--runs", "20000"]))
-
-
-@nox.session
-def sim(session: nox.Session) -> None:
-    """Long deterministic-simulation runs (``-- --runs 200000 --jobs 2 --seed N``)."""
-    session.install("-e", ".[test]")
-    session.run("python", "-m", "tests.sim", *(session.posargs or ["--runs", "20000"]))
