@@ -160,6 +160,10 @@ class World:
                     f"liveness: {c} did not settle on {w.name} within {bound:.0f}s "
                     "after the faults stopped")
         await asyncio.sleep(cfg.provider_timeout + 3.0)  # let commits in flight land
+        # A lagging watch still owes events sent before the faults ended: the
+        # mirrors may only be compared once the model has delivered them.
+        owed = max((w.last_at for w in self.etcd.watchers), default=0.0)
+        await asyncio.sleep(max(0.0, owed - self.loop.time()) + 0.1)
         checks = [self.spawn(w.name, self._converged(w)) for w in self.alive()]
         await asyncio.wait(checks, timeout=30.0)
 
