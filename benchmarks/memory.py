@@ -35,7 +35,7 @@ async def run(customers: int = 100_000) -> list[dict[str, Any]]:
     gc.collect()
     before = tracemalloc.take_snapshot()
     for name, record in zip(names, records, strict=True):
-        manager._cache_put(name, record)  # what a worker holds per customer it serves
+        manager._cache_put(name, record, 1)  # what a worker holds per customer it serves
     gc.collect()
     cache = tracemalloc.take_snapshot().compare_to(before, "filename")
     cache_bytes = sum(d.size_diff for d in cache)

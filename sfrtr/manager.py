@@ -166,7 +166,7 @@ class TokenManager:
 
     def _check_timing(self) -> None:
         exchange = self.oauth.config.exchange_limit
-        needed = exchange + self.policy.lease_margin
+        needed = self._request_limit()
         ttl = self.store.lease_ttl
         if ttl and ttl * 2 / 3 <= needed:
             # Keepalives every TTL/3 leave at least 2/3 of the TTL; a refresh
@@ -401,7 +401,7 @@ class TokenManager:
                 await self._reclaim(customer, current)
                 continue
             if isinstance(step, protocol.Recover):
-                left = self._grace_left(customer, step)
+                left = self._grace_left(customer, step, current.record.intent)
                 if left > 0:
                     await self._wait(customer, current, deadline, cap=left)
                     continue
@@ -409,23 +409,30 @@ class TokenManager:
             if entry is not None:
                 return entry
 
-    def _grace_left(self, customer: str, step: protocol.Recover) -> float:
+    def _grace_left(self, customer: str, step: protocol.Recover,
+                    intent: Intent | None) -> float:
         """Seconds before an orphaned or indeterminate record may be settled, timed
         on the local monotonic clock from when this worker first saw it."""
         seen = self._orphans_seen.get(customer)
         if seen is None or seen[0] != step.version:
             seen = (step.version, _monotonic())
             self._orphans_seen[customer] = seen
-        return seen[1] + self._grace(orphan=step.orphan) - _monotonic()
+        return seen[1] + self._grace(orphan=step.orphan, intent=intent) - _monotonic()
 
-    def _grace(self, *, orphan: bool) -> float:
-        """How long no request presented under the record's intent can still be
-        in flight (plus, for an orphan, its writer's lease: it may still commit)."""
-        settle = self.oauth.config.exchange_limit + self.policy.lease_margin
+    def _grace(self, *, orphan: bool, intent: Intent | None = None) -> float:
+        """How long no request presented under the record's intent can still be in
+        flight (the writer's own limit when it declared one: fleets are not always
+        configured alike), plus, for an orphan, a lease TTL: its writer may still
+        commit, which is cheaper than a takeover."""
+        settle = max(self._request_limit(), intent.limit if intent is not None else 0.0)
         configured = self.policy.recovery_grace
-        if orphan:
-            return configured if configured is not None else self.store.lease_ttl + settle
-        return settle if configured is None else min(configured, settle)
+        if configured is None:
+            grace = self.store.lease_ttl + settle if orphan else settle
+        else:
+            grace = configured if orphan else min(configured, settle)
+        if self.policy.recovery == "introspect":
+            grace = max(grace, settle)  # never introspect while a request may be in flight
+        return grace
 
     async def _wait(self, customer: str, seen: Versioned, deadline: float,
                     cap: float | None = None) -> None:
@@ -462,7 +469,12 @@ class TokenManager:
     def _intent(self, record: TokenRecord) -> Intent:
         return Intent(worker=self.worker_id,
                       refresh_fingerprint=record.refresh_token.fingerprint,
-                      started_at=self._provider_now(), id=secrets.token_hex(8))
+                      started_at=self._provider_now(), id=secrets.token_hex(8),
+                      limit=self._request_limit())
+
+    def _request_limit(self) -> float:
+        """The longest a token request of this worker can last, margin included."""
+        return self.oauth.config.exchange_limit + self.policy.lease_margin
 
     def _budget(self) -> float | None:
         lease = self.store.lease_remaining()

@@ -49,6 +49,10 @@ class Intent:
     id: str = ""
     """A nonce naming this one acquisition, so its writer recognises it when the
     store's answer to the acquire was lost (the Txn applied, the reply did not arrive)."""
+    limit: float = 0.0
+    """The longest the writer's token request can last, seconds (its timeout, answer
+    graces and lease margin): a recoverer waits at least this long after the writer's
+    lock is gone, whatever its own configuration says."""
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -130,7 +134,8 @@ class TokenRecord:
                     refresh_fingerprint=_str(intent["refresh_fingerprint"]),
                     started_at=float(intent["started_at"]),
                     lease=int(intent.get("lease", 0)),
-                    id=_str(intent.get("id", ""))),
+                    id=_str(intent.get("id", "")),
+                    limit=float(intent.get("limit", 0.0))),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StoreError(f"malformed token record in store ({type(exc).__name__})") from None

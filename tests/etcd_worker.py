@@ -15,6 +15,7 @@ import asyncio
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -48,11 +49,12 @@ class HookedOAuth(OAuthClient):
         super().__init__(config)
         self.mode = mode
 
-    async def refresh(self, refresh_token: Secret) -> RefreshOutcome:
+    async def refresh(self, refresh_token: Secret, *,
+                      budget: Callable[[], float | None] | None = None) -> RefreshOutcome:
         say("EVENT redeeming")
         if self.mode == "hold-before-redeem":
             await asyncio.Event().wait()  # the test SIGKILLs us here
-        outcome = await super().refresh(refresh_token)
+        outcome = await super().refresh(refresh_token, budget=budget)
         say(f"EVENT redeemed {outcome.kind.value} {outcome.error}")
         if self.mode == "hold-after-rotation":
             await asyncio.Event().wait()  # rotated, not committed: SIGKILL lands here
@@ -104,11 +106,15 @@ async def report_stalls(monitor: LoopStallMonitor) -> None:
     """Announce each new worst stall as it ends, so a worker that is killed later
     (or never finishes) still told the harness how long its loop froze."""
     reported = 0.0
+    beat = 0
     while True:
         await asyncio.sleep(0.25)
         if monitor.max_stall >= max(reported * 1.25, monitor.threshold):
             reported = monitor.max_stall
             say(f"EVENT max_stall {reported:.3f}")
+        beat += 1
+        if beat % 4 == 0:
+            say("EVENT alive")  # silence longer than a second: the loop is frozen right now
 
 
 def build(args: argparse.Namespace) -> TokenManager:
@@ -125,11 +131,12 @@ def build(args: argparse.Namespace) -> TokenManager:
         return TokenManager(HookedOAuth(config, args.mode), store, RefreshPolicy())
     timeout = 1.2 if args.timeout is None else args.timeout
     store = EtcdStore(EtcdSettings(endpoints=[args.etcd]), namespace=args.namespace,
-                      lease_ttl=args.lease_ttl or 3)
+                      lease_ttl=args.lease_ttl or 4)
     config = OAuthConfig(client_id=DEFAULT_CLIENT_ID, client_secret=Secret(DEFAULT_CLIENT_SECRET),
                          login_url=args.login_url,
                          instance_policy=InstanceUrlPolicy.for_emulator(),
-                         timeout=timeout, connect_timeout=min(1.0, timeout / 2))
+                         timeout=timeout, connect_timeout=min(1.0, timeout / 2),
+                         head_grace=0.1, answer_grace=0.4)
     return TokenManager(HookedOAuth(config, args.mode), store, RefreshPolicy(
         recovery=args.recovery, recovery_grace=args.grace, lease_margin=0.5,
         wait_timeout=args.wait_timeout))

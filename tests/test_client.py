@@ -16,7 +16,7 @@ from sfrtr import (
     RequestLimitExceeded,
     RetryPolicy,
     ServerUnavailable,
-    SessionExpired,
+    SessionRefused,
 )
 from sfrtr.emulator import Emulator
 from tests.conftest import emulator_grant
@@ -227,10 +227,13 @@ async def test_bad_bodies_and_redirects_are_clear_errors(emulator: Emulator, man
             await client.query("SELECT Id FROM Account")
         assert seen_auth == [f"Bearer {grant.access_token.reveal()}"]
         emulator.instance_url = f"http://127.0.0.1:{port}"  # refreshed grants point here too
-        with pytest.raises(SessionExpired) as expired:
+        # A refreshed session refused again: no refresh cures it (issue 10, item 10).
+        with pytest.raises(SessionRefused, match="INVALID_SESSION_ID") as refused:
             await client.request("GET", "always401")
-        assert expired.value.status == 401
         assert emulator.ledger["redemptions"] == 1  # one refresh, one retry, then the error
-        assert grant.access_token.reveal() not in str(expired.value)
+        assert grant.access_token.reveal() not in str(refused.value)
+        with pytest.raises(SessionRefused):
+            await client.request("GET", "always401")
+        assert emulator.ledger["redemptions"] == 1  # and no more while the backoff lasts
     finally:
         await runner.cleanup()

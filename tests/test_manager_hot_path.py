@@ -50,7 +50,8 @@ async def test_background_refresh_returns_the_current_token_at_once(emulator: Em
     record = await manager.connect("acme", emulator_grant(emulator, "acme"))
     # Inside the refresh margin, not yet expired.
     put = await manager.store.put("acme", record.replace(expires_at=time.time() + 60))
-    manager._cache_put("acme", put.record, put.version)  # as if this worker had cached it an hour and a half ago
+    # As if this worker had cached it an hour and a half ago:
+    manager._cache_put("acme", put.record, put.version)
     emulator.faults.set("token", latency=0.2)
     started = time.monotonic()
     current = await manager.token("acme")

@@ -27,7 +27,7 @@ async def test_no_token_in_logs_reprs_or_errors(emulator: Emulator, caplog):
     shown: list[str] = []
     store = MemoryStore()
     manager = TokenManager(emulator_oauth(emulator), store,
-                           RefreshPolicy(recovery_grace=0.05, busy_backoff=0.01))
+                           RefreshPolicy(lease_margin=0.5, busy_backoff=0.01))
 
     async def attempt(coro) -> None:  # type: ignore[no-untyped-def]
         try:

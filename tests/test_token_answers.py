@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from sfrtr import (
-    InstanceUrlPolicy,
     GrantSuspended,
+    InstanceUrlPolicy,
     MemoryStore,
     OAuthClient,
     OAuthConfig,
@@ -171,7 +171,7 @@ async def test_unreadable_2xx_is_ambiguous_and_never_presented_again(canned, cas
     assert after.status is Status.INDETERMINATE
     assert after.refresh_token == before.refresh_token
     # The next caller waits for recovery; it never presents the token blindly.
-    with pytest.raises(Exception):  # noqa: B017 - a timeout or the introspection failure
+    with pytest.raises(TimeoutError):  # waiting out the grace before introspecting
         await asyncio.wait_for(manager.token("acme"), 0.5)
     assert canned.presented == ["5Aep!old-refresh"]
     await manager.aclose()

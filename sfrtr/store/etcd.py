@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -429,8 +430,7 @@ class EtcdStore:
         if current is None or current.record is None:
             return None
         lease = await self._live_lease()
-        intent = Intent(intent.worker, intent.refresh_fingerprint, intent.started_at, lease,
-                        intent.id)
+        intent = dataclasses.replace(intent, lease=lease)
         # The record body comes from the version we compare against: if the
         # compare holds, this is exactly the record at expected_version.
         if current.version != expected_version:
