@@ -86,7 +86,7 @@ class RunConfig:
     pre_waves: int = 2
     settle_cap: float = 180.0
     stop_cap: float = 45.0
-    """How long stopped workers get to finish their calls and report."""
+    """How long workers get, after SIGTERM, to finish their calls and report."""
     token_latency: float = 0.02
     token_jitter: float = 0.03
 
@@ -102,6 +102,8 @@ class Worker:
     fate: str = "alive"
     """alive, killed (by the fault), stopped (SIGSTOP then SIGCONT), reaped (did not report)."""
     stderr_tail: bytes = b""
+    last_seen: float = 0.0
+    """Monotonic time of its last line; it says ``EVENT alive`` every second."""
 
     @property
     def alive(self) -> bool:
@@ -110,6 +112,7 @@ class Worker:
     async def read(self) -> None:
         assert self.process.stdout is not None
         while raw := await self.process.stdout.readline():
+            self.last_seen = time.monotonic()
             line = raw.decode(errors="replace").strip()
             if line == "READY":
                 self.ready.set()
@@ -130,6 +133,13 @@ class Worker:
         if self.process.returncode is None:
             self.process.send_signal(sig)
 
+    def note_silence(self) -> None:
+        """A worker still silent when reaped has been frozen since its last line."""
+        if self.process.returncode is None and self.last_seen:
+            silent = time.monotonic() - self.last_seen
+            if silent > 1.5:  # a heartbeat is due every second
+                self.max_stall = max(self.max_stall, silent)
+
 
 class Run:
     def __init__(self, config: RunConfig, out: Any = print) -> None:
@@ -145,6 +155,7 @@ class Run:
         self.namespace = f"sfrtr-faults/{uuid.uuid4().hex[:8]}"
         self.waves = 0
         self.notes: list[str] = []
+        self.audit_errors: dict[str, int] = {}
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -254,6 +265,7 @@ class Run:
             "unjustified_customers": summary.get("unjustified_customers"),
             "proxy": asdict(self.proxy.stats) if self.proxy else None,
             "notes": self.notes,
+            "audit_errors": self.audit_errors,
         }
 
     # -- faults -------------------------------------------------------------
@@ -340,7 +352,9 @@ class Run:
         try:
             async with asyncio.timeout(10):
                 return await audit_lockouts(store, self.emulator, self.customers)
-        except (SfrtrError, TimeoutError):
+        except (SfrtrError, TimeoutError) as exc:
+            self.audit_errors[type(exc).__name__] = self.audit_errors.get(
+                type(exc).__name__, 0) + 1
             return None
 
     async def _settle(self, store: EtcdStore, since: float) -> float | None:
@@ -355,6 +369,7 @@ class Run:
     async def _stop_workers(self) -> None:
         for w in self.workers:
             if w.alive:
+                w.note_silence()
                 w.signal(signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.stop_cap):
@@ -365,6 +380,7 @@ class Run:
                 await asyncio.wait_for(asyncio.shield(t), 2)
         for w in self.workers:
             if w.process.returncode is None:
+                w.note_silence()
                 w.fate = "reaped" if w.fate == "alive" else w.fate
                 self.note(f"worker {w.index} did not finish in {self.config.stop_cap:.0f}s")
 
@@ -415,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                    + ", ".join(FAULTS))
     p.add_argument("--seeds", default="1,2,3", help="comma-separated")
     p.add_argument("--quick", action="store_true",
-                   help="one seed, faults kill,etcd-restart,answers-lost, shorter caps (<5 min)")
+                   help="one seed, faults kill,etcd-restart,answers-lost, shorter caps")
     p.add_argument("--processes", type=int, default=8)
     p.add_argument("--coroutines", type=int, default=200)
     p.add_argument("--customers", type=int, default=50)
@@ -426,18 +442,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     faults = args.faults.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    settle_cap, pre_waves = args.settle_cap, 2
+    settle_cap, pre_waves, stop_cap = args.settle_cap, 2, 45.0
     if args.quick:
         if args.faults == p.get_default("faults"):
             faults = ["kill", "etcd-restart", "answers-lost"]
-        seeds, pre_waves = seeds[:1], 1
-        settle_cap = min(settle_cap, 70.0)
+        seeds, pre_waves, stop_cap = seeds[:1], 1, 15.0
+        settle_cap = min(settle_cap, 60.0)
     unknown = set(faults) - set(FAULTS)
     if unknown:
         p.error(f"unknown faults: {sorted(unknown)}")
     configs = [RunConfig(fault=f, seed=s, processes=args.processes, coroutines=args.coroutines,
                          customers=args.customers, lease_ttl=args.lease_ttl,
-                         settle_cap=settle_cap, pre_waves=pre_waves)
+                         settle_cap=settle_cap, pre_waves=pre_waves, stop_cap=stop_cap)
                for f in faults for s in seeds]
     burning = burners(args.burn)
     try:
