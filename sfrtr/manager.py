@@ -154,12 +154,18 @@ class TokenManager:
         self._flights: Singleflight[str, _Entry] = Singleflight()
         self._sections: dict[str, asyncio.Task[_Entry | None]] = {}
         self._unfinished: dict[str, _Section] = {}
-        self._unsent: dict[str, str] = {}
-        """Customer -> id of our intent whose acquire got no answer: if it landed,
-        nothing was sent under it, so it may simply be released."""
+        self._unsent: dict[str, tuple[str, int]] = {}
+        """Customer -> (id of our intent whose acquire got no answer, the version that
+        acquire compared against): if it landed, nothing was sent under it, so it may
+        simply be released; once the record moved past that version without it, it
+        never can land."""
         self._orphans_seen: dict[str, tuple[int, float]] = {}
         self._skew = 0.0
         """Local wall clock minus the provider's, as measured on its last answer."""
+        self._skew_known = False
+        self._presented: dict[str, tuple[str, float]] = {}
+        """reuse_window only: customer -> (refresh fingerprint, local monotonic time this
+        worker first presented it), to judge the window without any wall clock."""
         self._background: set[asyncio.Task[object]] = set()
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self.store.subscribe(self._on_store_change)
@@ -262,12 +268,17 @@ class TokenManager:
         self._background.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.warning("background refresh of %s failed: %s", customer, exc)
-        self._retry_unstored(customer)
+            self._retry_unstored(customer)
 
     def _retry_unstored(self, customer: str) -> None:
-        """Tokens held only in memory are retried until the store takes them."""
+        """After a failure, own unfinished business is retried in the background until
+        the store takes it: tokens held only in memory, or an acquire whose answer was
+        lost (its lock would otherwise stay ours, and every other worker wait on it,
+        until this worker happens to need the customer again)."""
         section = self._unfinished.get(customer)
-        if section is None or section.result is None or customer in self._retries:
+        pending = (section is not None and (section.result is not None or section.sent)) or \
+            customer in self._unsent
+        if not pending or customer in self._retries:
             return
         self._retries[customer] = asyncio.get_running_loop().call_later(
             _STORE_RETRY_DELAY, self._retry_now, customer)
@@ -335,6 +346,7 @@ class TokenManager:
 
     def _learn_skew(self, grant: TokenGrant) -> None:
         self._skew = time.time() - grant.issued_at
+        self._skew_known = True
 
     def _on_store_change(self, customer: str, state: Versioned | None) -> None:
         """Keep the hot-path cache in step with the store, whoever wrote it."""
@@ -375,7 +387,13 @@ class TokenManager:
                 await asyncio.wait({prior})
             current = await self.store.read(customer)
             section = self._unfinished.get(customer)
-            own = [i for i in (self._unsent.get(customer), section and section.intent.id) if i]
+            unsent = self._unsent.get(customer)
+            if unsent is not None and (current is None or current.version != unsent[1]) and \
+                    (current is None or current.record.intent is None
+                     or current.record.intent.id != unsent[0]):
+                del self._unsent[customer]  # its compare can never hold again
+                unsent = None
+            own = [i for i in (unsent and unsent[0], section and section.intent.id) if i]
             step = protocol.plan(customer, current, stale=stale, now=self._provider_now(),
                                  margin=self.policy.refresh_margin, own_intents=own)
             if section is not None and not isinstance(step, protocol.Reclaim):
@@ -460,16 +478,24 @@ class TokenManager:
     def _section_done(self, customer: str, task: asyncio.Task[_Entry | None]) -> None:
         if self._sections.get(customer) is task:
             del self._sections[customer]
-        if not task.cancelled():
-            task.exception()  # retrieved: the flight (if still there) re-raises it
-        self._retry_unstored(customer)
+        # The exception is retrieved here; the flight (if still there) re-raises it.
+        if task.cancelled() or task.exception() is not None:
+            self._retry_unstored(customer)
 
     # -- the critical section ---------------------------------------------------
 
     def _intent(self, record: TokenRecord) -> Intent:
+        # On the provider's clock, once an answer told us how far ours is off;
+        # 0 (unknown) before that: a reuse window is never judged on a guess.
+        started = self._provider_now() if self._skew_known else 0.0
+        earlier = record.intent
+        if earlier is not None and earlier.refresh_fingerprint == record.refresh_token.fingerprint:
+            # Recovering the same token: it may have been presented since the first
+            # intent, and a provider's reuse window counts from then.
+            started = min(started, earlier.started_at)
         return Intent(worker=self.worker_id,
                       refresh_fingerprint=record.refresh_token.fingerprint,
-                      started_at=self._provider_now(), id=secrets.token_hex(8),
+                      started_at=started, id=secrets.token_hex(8),
                       limit=self._request_limit())
 
     def _request_limit(self) -> float:
@@ -483,14 +509,14 @@ class TokenManager:
     async def _section(self, customer: str, step: protocol.Step,
                        current: Versioned) -> _Entry | None:
         intent = self._intent(current.record)
-        self._unsent[customer] = intent.id  # until the acquire's answer says otherwise
+        # Until the acquire's answer says otherwise, it may have landed unseen.
+        self._unsent[customer] = (intent.id, current.version)
         try:
             acquired = await self.store.acquire(customer, current.version, intent)
         except LeaseLost:
             self._unsent.pop(customer, None)  # etcd refused the write: nothing landed
             raise
-        if self._unsent.get(customer) == intent.id:
-            del self._unsent[customer]
+        del self._unsent[customer]
         if acquired is None:
             return None  # lost the race; plan again
         held = current.record
@@ -549,7 +575,11 @@ class TokenManager:
         """Present ``section.held.refresh_token`` (the lock is ours at the fence) and
         store whatever came of it."""
         held = section.held
-        log.debug("redeeming refresh %s for %s", held.refresh_token.fingerprint, customer)
+        fp = held.refresh_token.fingerprint
+        log.debug("redeeming refresh %s for %s", fp, customer)
+        if self.policy.recovery == "reuse_window" and \
+                self._presented.get(customer, ("", 0.0))[0] != fp:
+            self._presented[customer] = (fp, _monotonic())
         outcome = await self.oauth.refresh(held.refresh_token, budget=self._budget)
         if outcome.kind is OutcomeKind.NOT_SENT:
             await self._commit(customer, section, protocol.released_record(held))
@@ -653,16 +683,15 @@ class TokenManager:
                          retry: bool) -> _Entry | None:
         """A redemption whose outcome is unknown; the recovery policy decides."""
         mode = self.policy.recovery
-        if mode == "reuse_window" and not retry:
-            # Inside the provider's window (checked at construction), presenting
-            # the token again returns its successor instead of revoking the family.
-            return await self._redeem(customer, section, retry=True)
         if mode == "fail_closed":
             return await self._mark_dead(customer, section, reason, RefreshIndeterminate)
+        # introspect and reuse_window alike: settled by recovery once the request can
+        # no longer be in flight (presenting it again while it may still be processed
+        # is a concurrent redemption, refused as such or worse).
         await self._leave_indeterminate(customer, section, reason)
         raise TokenEndpointUnavailable(
             f"the refresh of {customer!r} has an unknown outcome ({reason}); it is settled "
-            "by introspection once no request can still be in flight "
+            "once no request can still be in flight "
             f"(about {self._grace(orphan=False):.0f}s)")
 
     async def _leave_indeterminate(self, customer: str, section: _Section,
@@ -683,24 +712,42 @@ class TokenManager:
         lost = (f"a refresh by worker {worker} was interrupted and the refresh token was "
                 "rotated: its successor is lost")
         mode = self.policy.recovery
-        if mode == "introspect":
-            try:
-                info = await self.oauth.introspect(section.held.refresh_token)
-            except SfrtrError as exc:
-                # Unknown is not inactive: never redeem, never declare it dead.
-                await self._leave_indeterminate(customer, section, orphan.reason or lost)
-                raise TokenEndpointUnavailable(
-                    f"cannot settle an interrupted refresh for {customer!r} yet "
-                    f"({type(exc).__name__}); will retry") from None
-            if info.active:  # never redeemed, and no request can still redeem it
-                return await self._redeem(customer, section, retry=True)
-            return await self._mark_dead(customer, section, lost, RefreshIndeterminate)
-        if mode == "reuse_window" and orphan.intent is not None and \
-                self._provider_now() - orphan.intent.started_at < self.policy.reuse_window - \
-                self.oauth.config.exchange_limit - self.policy.lease_margin:
+        if mode == "fail_closed":
+            return await self._mark_dead(customer, section, orphan.reason or lost,
+                                         RefreshIndeterminate)
+        if mode == "reuse_window" and self._inside_reuse_window(customer, orphan):
+            # The rotation (if any) came after the intent was written: still inside the
+            # provider's window, presenting the token again returns its successor.
             return await self._redeem(customer, section, retry=True)
-        return await self._mark_dead(customer, section, orphan.reason or lost,
-                                     RefreshIndeterminate)
+        # introspect, and reuse_window outside its window (or with no clock to tell):
+        # ask the provider, now that no request presented under the intent can be
+        # in flight.
+        try:
+            info = await self.oauth.introspect(section.held.refresh_token)
+        except SfrtrError as exc:
+            # Unknown is not inactive: never redeem, never declare it dead.
+            await self._leave_indeterminate(customer, section, orphan.reason or lost)
+            raise TokenEndpointUnavailable(
+                f"cannot settle an interrupted refresh for {customer!r} yet "
+                f"({type(exc).__name__}); will retry") from None
+        if info.active:  # never redeemed, and no request can still redeem it
+            return await self._redeem(customer, section, retry=True)
+        return await self._mark_dead(customer, section, lost, RefreshIndeterminate)
+
+    def _inside_reuse_window(self, customer: str, orphan: TokenRecord) -> bool:
+        """Whether the provider's reuse window is certainly still open for the token
+        ``orphan`` holds: on this worker's monotonic clock if it presented the token
+        itself; otherwise on the provider's clock, and only once both this worker and
+        the intent's writer had an answer to measure their clocks by."""
+        limit = self.policy.reuse_window - self.policy.lease_margin
+        fp, first = self._presented.get(customer, ("", 0.0))
+        intent = orphan.intent
+        if fp == orphan.refresh_token.fingerprint and intent is not None and \
+                intent.worker == self.worker_id:
+            return _monotonic() - first < limit
+        if intent is None or not self._skew_known or intent.started_at <= 0:
+            return False
+        return self._provider_now() - intent.started_at < limit
 
     async def _revive(self, customer: str, section: _Section, dead: TokenRecord) -> _Entry:
         """A dead record with rescues: adopt one of this grant, or drop them all."""
@@ -761,7 +808,8 @@ class TokenManager:
         self.stats.reclaimed += 1
         if section is not None:
             self._finished(customer, section)
-        if self._unsent.get(customer) == (record.intent.id if record.intent else None):
+        unsent = self._unsent.get(customer)
+        if unsent is not None and record.intent is not None and unsent[0] == record.intent.id:
             del self._unsent[customer]
         if target.status is Status.VALID:
             self._cache_put(customer, target, committed.version)

@@ -43,7 +43,9 @@ class Intent:
     worker: str
     refresh_fingerprint: str
     started_at: float
-    """Wall-clock seconds; informational only (decisions use local monotonic time)."""
+    """When the token was first put up for redemption, on the provider's clock as its
+    writer measured it (0: unknown, the writer had no answer to measure by). Only
+    ``reuse_window`` recovery reads it; waits use the local monotonic clock."""
     lease: int = 0
     """The store's lease id of the writer (0 where the store has none)."""
     id: str = ""

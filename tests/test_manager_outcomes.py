@@ -237,6 +237,10 @@ async def test_reuse_window_policy_redeems_again(emulator: Emulator):
     record = await mgr.connect("acme", emulator_grant(emulator, "acme", "leeway",
                                                       "leeway-secret"))
     emulator.faults.set("token", drop_after_rotation=1)
+    with pytest.raises(TokenEndpointUnavailable, match="unknown outcome"):
+        await mgr.refresh("acme", stale=record.access_token.reveal())
+    # Once the first request cannot be in flight any more, and inside the window,
+    # the token is presented again and the provider hands over its successor.
     creds = await mgr.refresh("acme", stale=record.access_token.reveal())
     assert creds.access_token in emulator.world.access_index
     assert emulator.ledger["reuse_in_window"] == 1

@@ -541,7 +541,10 @@ class EtcdStore:
             [get(tok), get(self._lock(customer))])
         if not result.succeeded:
             self._observe(customer, result.revision, *result.ranges)
-            return False
+            if result.ranges[0]:
+                return False
+            # Gone already: a retried request whose first attempt landed, or another
+            # deleter. Either way what was asked for is true.
         self._wrote(customer, result.revision, None, False)
         self._mirror[customer].rescues = None
         return True

@@ -79,7 +79,10 @@ def _check_customer(world: World, customer: str) -> list[str]:
             out.append(f"silent loss: {customer} is valid with refresh {fp} which is {state} at "
                        f"the provider; the live token is in {where}")
     elif status is Status.REAUTH_REQUIRED:
-        if state == "live":
+        # fail_closed is the documented opt-out of invariant 4 (for providers that
+        # cannot introspect): it locks out on any unknown outcome, by design. Its runs
+        # still check every other invariant.
+        if state == "live" and world.cfg.recovery != "fail_closed":
             out.append(f"unjustified lockout: {customer} is reauth_required ({record.reason!r}) "
                        f"but its stored refresh {fp} is live at the provider")
         elif family is not None and not family.revoked and \
