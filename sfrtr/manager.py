@@ -102,6 +102,8 @@ class _Section:
     """
 
     intent: Intent
+    prior: TokenRecord
+    """The record the acquire replaced: put back as it was if nothing was sent."""
     held: TokenRecord
     """The record whose refresh token this section may present."""
     fence: int
@@ -154,11 +156,11 @@ class TokenManager:
         self._flights: Singleflight[str, _Entry] = Singleflight()
         self._sections: dict[str, asyncio.Task[_Entry | None]] = {}
         self._unfinished: dict[str, _Section] = {}
-        self._unsent: dict[str, tuple[str, int]] = {}
+        self._unsent: dict[str, tuple[str, int, TokenRecord]] = {}
         """Customer -> (id of our intent whose acquire got no answer, the version that
-        acquire compared against): if it landed, nothing was sent under it, so it may
-        simply be released; once the record moved past that version without it, it
-        never can land."""
+        acquire compared against, the record it replaced): if it landed, nothing was
+        sent under it, so the record it replaced is put back; once the record moved
+        past that version without it, it never can land."""
         self._orphans_seen: dict[str, tuple[int, float]] = {}
         self._skew = 0.0
         """Local wall clock minus the provider's, as measured on its last answer."""
@@ -510,7 +512,7 @@ class TokenManager:
                        current: Versioned) -> _Entry | None:
         intent = self._intent(current.record)
         # Until the acquire's answer says otherwise, it may have landed unseen.
-        self._unsent[customer] = (intent.id, current.version)
+        self._unsent[customer] = (intent.id, current.version, current.record)
         try:
             acquired = await self.store.acquire(customer, current.version, intent)
         except LeaseLost:
@@ -522,7 +524,7 @@ class TokenManager:
         held = current.record
         if isinstance(step, protocol.Recover | protocol.Revive):
             held = protocol.released_record(current.record)
-        section = _Section(intent, held, acquired.version)
+        section = _Section(intent, current.record, held, acquired.version)
         self._unfinished[customer] = section
         try:
             if isinstance(step, protocol.Revive):
@@ -787,11 +789,16 @@ class TokenManager:
     # -- own unfinished business --------------------------------------------------
 
     async def _reclaim(self, customer: str, current: Versioned) -> None:
-        """The store shows our own intent from a section that ended early: finish it."""
+        """The store shows our own intent from a section that ended early: finish it.
+
+        Nothing sent: the record the acquire replaced goes back exactly as it was (it
+        may itself be an orphan or an indeterminate outcome: "releasing" it as valid
+        would present a token that may be burnt)."""
         record = current.record
+        mine = record.intent.id if record.intent is not None else ""
         section = self._unfinished.get(customer)
-        if section is not None and record.intent is not None and \
-                record.intent.id == section.intent.id:
+        unsent = self._unsent.get(customer)
+        if section is not None and section.intent.id == mine:
             if section.result is not None:
                 target = section.result
             elif section.sent:
@@ -799,19 +806,20 @@ class TokenManager:
                           if self.policy.recovery == "fail_closed" else
                           protocol.indeterminate_record(record, "a refresh got no answer"))
             else:
-                target = protocol.released_record(section.held)
+                target = section.prior
+        elif unsent is not None and unsent[0] == mine:
+            target = unsent[2]  # an acquire whose answer was lost
         else:
-            target = protocol.released_record(record)  # an acquire whose answer was lost
+            return
         committed = await self.store.commit(customer, current.version, target)
         if committed is None:
             return  # the record moved on: plan again
         self.stats.reclaimed += 1
-        if section is not None:
+        if section is not None and section.intent.id == mine:
             self._finished(customer, section)
-        unsent = self._unsent.get(customer)
-        if unsent is not None and record.intent is not None and unsent[0] == record.intent.id:
+        if unsent is not None and unsent[0] == mine:
             del self._unsent[customer]
-        if target.status is Status.VALID:
+        if target.status is Status.VALID and target.intent is None:
             self._cache_put(customer, target, committed.version)
 
     async def _drop_section(self, customer: str, section: _Section,

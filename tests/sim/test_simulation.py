@@ -41,6 +41,19 @@ def test_schedules() -> None:
                     pytrace=False)
 
 
+#: Seeds that found faults in the product, kept as regression cases (see
+#: docs/simulation.md for what each found).
+REGRESSION_SEEDS = [47, 666, 909, 1052, 1695, 1803, 1825, 1858, 2530, 4391, 6073, 8117,
+                    10886, 25074, 25665]
+
+
+@pytest.mark.parametrize("seed", REGRESSION_SEEDS)
+def test_regression_seed(seed: int) -> None:
+    outcome = run(seed)
+    if outcome.failed:
+        pytest.fail(report(shrink(outcome)), pytrace=False)
+
+
 @pytest.mark.parametrize("seed", [3, 60, 66])
 def test_same_seed_same_trace(seed: int) -> None:
     """Byte-identical traces for one seed, run twice in one process."""
