@@ -217,6 +217,7 @@ class EtcdStore:
                 await self._keepalive_stream()
             except (StoreError, LeaseLost) as exc:
                 log.info("etcd keepalive interrupted: %s", type(exc).__name__)
+                self._restart_watch()
             if self._lease_id is not None and time.monotonic() >= self._lease_deadline:
                 self._lose_lease("no keepalive answer before the deadline")
             await asyncio.sleep(min(1.0, self._ttl / 6))
@@ -294,6 +295,17 @@ class EtcdStore:
             self._wake(customer)
         for customer, m in fresh.items():
             self._notify(customer, m)
+
+    def _restart_watch(self) -> None:
+        """The connection broke under the keepalive stream: the watch stream on it may
+        be dead without knowing (a restarted etcd does not always end it, and
+        progress notifications come every ten minutes), so start it again from a
+        fresh load rather than wait on it."""
+        if self._closed or len(self._tasks) < 2:
+            return
+        self._tasks[1].cancel()
+        self._synced = False
+        self._tasks[1] = asyncio.get_running_loop().create_task(self._watch_loop())
 
     async def _watch_loop(self) -> None:
         while not self._closed:
