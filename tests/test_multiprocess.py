@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -90,33 +91,76 @@ async def test_eight_processes_two_hundred_coroutines_fifty_customers(
     customers = [f"cust-{i:02d}" for i in range(50)]
     mine = await connect_all(emulator, etcd_server, namespace, customers)
     emulator.faults.set("token", latency=0.02, jitter=0.03)
-    duration, expiries, spacing = 18.0, 5, 3.0
+    # The workers run until told to stop (SIGTERM) once every wave was absorbed: a
+    # fixed duration let the last wave land as the first-started workers finished.
+    duration, expiries, spacing = 120.0, 5, 3.0
     # Each coroutine pauses between calls, as a worker doing real work would:
     # unpaced, 1,600 coroutines on two cores starve the emulator that serves them.
+    # A 15 s lease: this test is about coordination under load, not lease expiry;
+    # on two cores shared by nine busy processes a 4 s lease can lapse (the product
+    # refuses leases too short for its requests, not for a starved machine).
     workers = [await Worker.start(etcd_server, emulator, namespace, customers,
-                                  coroutines=200, duration=duration, pause=0.3)
+                                  coroutines=200, duration=duration, pause=0.3,
+                                  lease_ttl=15)
                for _ in range(8)]
     try:
         for w in workers:
             await w.expect("READY")
         started = time.monotonic()
         await asyncio.sleep(1.5)
+        # Which customer got a new session when: one per customer per wave at most.
+        issued: list[tuple[float, str]] = []
+        issue_access = emulator.world.issue_access
+
+        def recorded(family: Any, now: float) -> Any:
+            issued.append((time.monotonic(), family.org.name))
+            return issue_access(family, now)
+
+        emulator.world.issue_access = recorded  # type: ignore[method-assign]
+        waves: list[float] = []
         for _ in range(expiries):
+            waves.append(time.monotonic())
             emulator.expire_sessions()
             await asyncio.sleep(spacing)
-        results = [await w.result(timeout=duration + 60) for w in workers]
+        for _ in range(150):  # until the last wave is absorbed: every customer refreshed
+            if {c for t, c in issued if t >= waves[-1]} == set(customers):
+                break
+            await asyncio.sleep(0.1)
+        for w in workers:
+            w.signal(signal.SIGTERM)
+        results = [await w.result(timeout=60) for w in workers]
+        states = {c: await mine.store.read(c) for c in customers}
     finally:
         for w in workers:
             await w.reap()
         await mine.aclose()
     calls = sum(r["calls"] for r in results)
     failures = [r["failures"] for r in results if r["failures"]]
+    assert {c: (s.record.status.value, s.record.reason) for c, s in states.items()
+            if s.record.status is not Status.VALID} == {}
+    stalls = [r["max_stall"] for r in results]
+    print("loop stalls over 100 ms (s after READY, s):", [r["stalls"] for r in results])
     print(f"\n8 processes x 200 coroutines x 50 customers: {calls} calls in "
           f"{time.monotonic() - started:.1f}s, redemptions {emulator.ledger['redemptions']}, "
-          f"per-process {[r['redemptions'] for r in results]}")
+          f"per-process {[r['redemptions'] for r in results]}, "
+          f"max loop stall per process {[round(x, 3) for x in stalls]}")
+    # A busy-wait froze processes for 40 s and more. Nine busy processes on two
+    # cores (200 connections opening at once in each) also make the loop late by
+    # a few hundred ms at start-up, so the bound here is a coarse one; the
+    # figures are reported in the closing notes.
+    assert max(stalls) < 1.0
     assert failures == []
-    assert emulator.ledger["redemptions"] == 50 * expiries
-    assert sum(r["redemptions"] for r in results) == 50 * expiries
+    per_wave = [Counter(c for t, c in issued if start <= t < end)
+                for start, end in zip(waves, [*waves[1:], float("inf")], strict=True)]
+    print("new sessions per wave:", [sum(w.values()) for w in per_wave])
+    # Never two refreshes of one customer for one expiry, across the 8 processes...
+    assert [c for w in per_wave for c, n in w.items() if n > 1] == []
+    # ...and every customer refreshed after the last one. (A refresh that the
+    # overloaded emulator processes after the next wave serves both waves, so the
+    # total can be below 50 per wave; it can never be above.)
+    assert set(per_wave[-1]) == set(customers)
+    assert emulator.ledger["redemptions"] <= 50 * expiries
+    assert sum(r["redemptions"] for r in results) == emulator.ledger["redemptions"]
     assert emulator.ledger["reuse"] == 0
     assert emulator.ledger["revocations"] == 0
     assert emulator.ledger["concurrent_rejections"] == 0
@@ -257,6 +301,8 @@ async def test_etcd_stopped_and_restarted_mid_run(emulator: Emulator, namespace)
         emulator.expire_sessions()  # round 3: after the restart
         await asyncio.sleep(3)
         results = [await w.result(timeout=60) for w in workers]
+        print(f"etcd restart: max loop stall per worker {[r['max_stall'] for r in results]}")
+        assert max(r["max_stall"] for r in results) < 1.0  # no busy-wait on the resync
         for c in customers:  # nothing lost: every grant still works
             current = await mine.store.read(c)
             assert current.record.status is Status.VALID

@@ -32,6 +32,7 @@ from sfrtr.store.etcd_client import (
     KV,
     EtcdClient,
     EtcdSettings,
+    StreamBroken,
     TxnResult,
     WatchBatch,
     compare,
@@ -216,8 +217,9 @@ class EtcdStore:
                     await self._grant()
                 await self._keepalive_stream()
             except (StoreError, LeaseLost) as exc:
-                log.info("etcd keepalive interrupted: %s", type(exc).__name__)
-                self._restart_watch()
+                log.info("etcd keepalive interrupted: %s", exc)
+                if isinstance(exc, StreamBroken):
+                    self._restart_watch()
             if self._lease_id is not None and time.monotonic() >= self._lease_deadline:
                 self._lose_lease("no keepalive answer before the deadline")
             await asyncio.sleep(min(1.0, self._ttl / 6))
@@ -282,7 +284,13 @@ class EtcdStore:
                 m.changed = max(m.changed, kv.mod_revision)
         for customer, old in self._mirror.items():
             new = fresh.get(customer)
-            if new is None:  # deleted while we were not watching
+            if old.observed > revision:
+                # Our own write (or a direct read) landed while the pages were read:
+                # it is newer than the snapshot, keep it.
+                if new is not None and new.rescues != old.rescues:
+                    old.rescues = new.rescues
+                fresh[customer] = old
+            elif new is None:  # deleted while we were not watching
                 fresh[customer] = _Mirror(observed=revision, changed=max(old.changed, revision))
             elif (old.version, old.locked, old.rescues) != (new.version, new.locked, new.rescues):
                 new.changed = max(old.changed, revision)

@@ -155,6 +155,11 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
+class StreamBroken(StoreError):
+    """A stream failed (not merely a slow answer): its connection may be gone, and
+    other streams on it with it, silently."""
+
+
 class KeepAlive:
     """One LeaseKeepAlive stream: each :meth:`ping` is one round trip."""
 
@@ -170,7 +175,7 @@ class KeepAlive:
             await self._call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
             reply = await asyncio.wait_for(self._call.read(), timeout)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
-            raise StoreError(f"etcd keepalive broke: {type(exc).__name__}") from None
+            raise StreamBroken(f"etcd keepalive broke: {type(exc).__name__}") from None
         except TimeoutError:
             raise StoreError("etcd keepalive answer timed out") from None
         if reply is grpc.aio.EOF:
