@@ -156,11 +156,12 @@ class TokenManager:
         self._flights: Singleflight[str, _Entry] = Singleflight()
         self._sections: dict[str, asyncio.Task[_Entry | None]] = {}
         self._unfinished: dict[str, _Section] = {}
-        self._unsent: dict[str, tuple[str, int, TokenRecord]] = {}
-        """Customer -> (id of our intent whose acquire got no answer, the version that
-        acquire compared against, the record it replaced): if it landed, nothing was
+        self._unsent: dict[str, dict[str, tuple[int, TokenRecord]]] = {}
+        """Customer -> {id of our intent whose acquire got no answer: (the version that
+        acquire compared against, the record it replaced)}. If one landed, nothing was
         sent under it, so the record it replaced is put back; once the record moved
-        past that version without it, it never can land."""
+        past that version without it, it never can land. Several can be pending: a
+        stale mirror lets the next flight try again before the first one shows."""
         self._orphans_seen: dict[str, tuple[int, float]] = {}
         self._skew = 0.0
         """Local wall clock minus the provider's, as measured on its last answer."""
@@ -389,13 +390,9 @@ class TokenManager:
                 await asyncio.wait({prior})
             current = await self.store.read(customer)
             section = self._unfinished.get(customer)
-            unsent = self._unsent.get(customer)
-            if unsent is not None and (current is None or current.version != unsent[1]) and \
-                    (current is None or current.record.intent is None
-                     or current.record.intent.id != unsent[0]):
-                del self._unsent[customer]  # its compare can never hold again
-                unsent = None
-            own = [i for i in (unsent and unsent[0], section and section.intent.id) if i]
+            own = self._pending_intents(customer, current)
+            if section is not None:
+                own.append(section.intent.id)
             step = protocol.plan(customer, current, stale=stale, now=self._provider_now(),
                                  margin=self.policy.refresh_margin, own_intents=own)
             if section is not None and not isinstance(step, protocol.Reclaim):
@@ -428,6 +425,22 @@ class TokenManager:
             entry = await self._run_section(customer, step, current)
             if entry is not None:
                 return entry
+
+    def _pending_intents(self, customer: str, current: Versioned | None) -> list[str]:
+        """Ids of our acquires whose answers were lost and that may still show up;
+        those whose compare can never hold again are forgotten."""
+        pending = self._unsent.get(customer)
+        if not pending:
+            return []
+        shown = current.record.intent.id if current is not None and \
+            current.record.intent is not None else ""
+        version = current.version if current is not None else 0
+        for intent_id, (expected, _) in list(pending.items()):
+            if intent_id != shown and version != expected:
+                del pending[intent_id]
+        if not pending:
+            del self._unsent[customer]
+        return list(pending)
 
     def _grace_left(self, customer: str, step: protocol.Recover,
                     intent: Intent | None) -> float:
@@ -512,13 +525,14 @@ class TokenManager:
                        current: Versioned) -> _Entry | None:
         intent = self._intent(current.record)
         # Until the acquire's answer says otherwise, it may have landed unseen.
-        self._unsent[customer] = (intent.id, current.version, current.record)
+        pending = self._unsent.setdefault(customer, {})
+        pending[intent.id] = (current.version, current.record)
         try:
             acquired = await self.store.acquire(customer, current.version, intent)
         except LeaseLost:
-            self._unsent.pop(customer, None)  # etcd refused the write: nothing landed
+            self._forget_unsent(customer, intent.id)  # etcd refused the write: nothing landed
             raise
-        del self._unsent[customer]
+        self._forget_unsent(customer, intent.id)
         if acquired is None:
             return None  # lost the race; plan again
         held = current.record
@@ -535,6 +549,13 @@ class TokenManager:
         except _Preempted:
             self._finished(customer, section)
             raise
+
+    def _forget_unsent(self, customer: str, intent_id: str) -> None:
+        pending = self._unsent.get(customer)
+        if pending is not None:
+            pending.pop(intent_id, None)
+            if not pending:
+                del self._unsent[customer]
 
     def _finished(self, customer: str, section: _Section) -> None:
         if self._unfinished.get(customer) is section:
@@ -797,7 +818,7 @@ class TokenManager:
         record = current.record
         mine = record.intent.id if record.intent is not None else ""
         section = self._unfinished.get(customer)
-        unsent = self._unsent.get(customer)
+        unsent = self._unsent.get(customer, {}).get(mine)
         if section is not None and section.intent.id == mine:
             if section.result is not None:
                 target = section.result
@@ -807,8 +828,8 @@ class TokenManager:
                           protocol.indeterminate_record(record, "a refresh got no answer"))
             else:
                 target = section.prior
-        elif unsent is not None and unsent[0] == mine:
-            target = unsent[2]  # an acquire whose answer was lost
+        elif unsent is not None:
+            target = unsent[1]  # an acquire whose answer was lost
         else:
             return
         committed = await self.store.commit(customer, current.version, target)
@@ -817,8 +838,8 @@ class TokenManager:
         self.stats.reclaimed += 1
         if section is not None and section.intent.id == mine:
             self._finished(customer, section)
-        if unsent is not None and unsent[0] == mine:
-            del self._unsent[customer]
+        if unsent is not None:
+            self._forget_unsent(customer, mine)
         if target.status is Status.VALID and target.intent is None:
             self._cache_put(customer, target, committed.version)
 
