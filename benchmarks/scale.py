@@ -1,0 +1,108 @@
+"""A worker's start on a big namespace: time to its first token, and memory added.
+
+``python -m benchmarks.scale [--sizes 1000,10000,100000]``. For each size a
+fresh local etcd is filled with that many customers (Salesforce-sized
+records, 128 puts per Txn), then a fresh worker process starts an
+``EtcdStore`` with its ``TokenManager`` and asks for one customer's token:
+the time from its start to that first token, the round trips the paged load
+took, and the resident memory the start added (``/proc/self/statm``, after
+the imports). Before the paged loads a namespace past ~8,000 customers
+failed here with ``RESOURCE_EXHAUSTED`` (one Range over gRPC's 4 MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from benchmarks import report
+
+_CHILD = r"""
+import asyncio, os, sys, time, orjson
+from sfrtr import InstanceUrlPolicy, OAuthClient, OAuthConfig, Secret, TokenManager
+from sfrtr.store.etcd import EtcdStore
+from sfrtr.store.etcd_client import EtcdSettings
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+async def main() -> None:
+    endpoint, namespace, customer = sys.argv[1:4]
+    base = rss()
+    started = time.perf_counter()
+    store = EtcdStore(EtcdSettings(endpoints=[endpoint]), namespace=namespace)
+    oauth = OAuthClient(OAuthConfig(client_id="bench", client_secret=Secret("s"),
+                                    login_url="http://127.0.0.1:9",
+                                    instance_policy=InstanceUrlPolicy.for_emulator()))
+    manager = TokenManager(oauth, store)
+    token = await manager.token(customer)
+    took = time.perf_counter() - started
+    print(orjson.dumps({"seconds": took, "rss_added": rss() - base, "ok": bool(token),
+                        "round_trips": store.client.round_trips}).decode())
+    await manager.aclose()
+
+asyncio.run(main())
+"""
+
+
+async def fill(endpoint: str, namespace: str, customers: int) -> None:
+    from sfrtr.store.etcd import EtcdStore, _encode
+    from sfrtr.store.etcd_client import EtcdSettings, put
+    from tests.test_etcd_scale import TXN_OPS, record
+
+    writer = EtcdStore(EtcdSettings(endpoints=[endpoint]), namespace=namespace)
+    await writer.client.connect()
+    batch = []
+    for i in range(customers):
+        # Fresh expiry: the first token() is served from the loaded record.
+        batch.append(put(writer._tok(f"customer-{i:07d}"),
+                         _encode(record(i).replace(expires_at=time.time() + 7200))))
+        if len(batch) == TXN_OPS:
+            await writer.client.txn([], batch)
+            batch = []
+    if batch:
+        await writer.client.txn([], batch)
+    await writer.client.close()
+
+
+def run(sizes: list[int]) -> list[dict[str, Any]]:
+    from sfrtr.store.etcd_launcher import LocalEtcd
+
+    rows = []
+    for size in sizes:
+        with LocalEtcd() as etcd:
+            filled = time.perf_counter()
+            asyncio.run(fill(etcd.endpoint, "bench", size))
+            fill_s = time.perf_counter() - filled
+            out = subprocess.run(
+                [sys.executable, "-c", _CHILD, etcd.endpoint, "bench", f"customer-{size - 1:07d}"],
+                capture_output=True, text=True, check=True, cwd=os.getcwd(), timeout=600)
+            child = orjson.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"customers": size, "fill_s": round(fill_s, 1),
+                     "start_to_first_token_s": round(child["seconds"], 3),
+                     "round_trips": child["round_trips"],
+                     "rss_added_MiB": round(child["rss_added"] / 2**20, 1),
+                     "bytes_per_customer": round(child["rss_added"] / size)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale")
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = run(sizes)
+    print(report.table("A fresh worker on a big namespace (real etcd)", rows))
+    report.write("scale", {"sizes": sizes}, rows)
+
+
+if __name__ == "__main__":
+    main()
