@@ -44,6 +44,7 @@ import base64
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,6 +205,8 @@ class Run:
                     await manager.aclose()
                 if self.proxy is not None:
                     await self.proxy.aclose()
+                with contextlib.suppress(OSError):  # kept for a look after the run
+                    shutil.copy(self.etcd._log_path, f"/tmp/etcd-{cfg.fault}-{cfg.seed}.log")
                 self.etcd.close()
 
     async def _run(self, base_url: str, endpoint: str, store: EtcdStore) -> dict[str, Any]:
@@ -238,6 +241,16 @@ class Run:
         await self._stop_workers()
         audit = await self._audit(store)
         summary = audit.summary() if audit else {}
+        stuck = {}
+        for c in (audit.unsettled if audit else []):
+            current = await store.read(c)
+            if current is not None:
+                intent = current.record.intent
+                stuck[c] = {"status": current.record.status.value, "locked": current.locked,
+                            "version": current.version, "reason": current.record.reason[:100],
+                            "intent": None if intent is None else
+                            {"worker": intent.worker, "lease": f"{intent.lease:x}",
+                             "id": intent.id}}
         survivors = [w for w in self.workers if w.fate != "killed"]
         stalls = {w.index: round(w.max_stall, 3) for w in survivors if w.fate != "stopped"}
         failures: dict[str, int] = {}
@@ -266,6 +279,7 @@ class Run:
             "proxy": asdict(self.proxy.stats) if self.proxy else None,
             "notes": self.notes,
             "audit_errors": self.audit_errors,
+            "unsettled_detail": stuck,
         }
 
     # -- faults -------------------------------------------------------------
@@ -353,8 +367,8 @@ class Run:
             async with asyncio.timeout(10):
                 return await audit_lockouts(store, self.emulator, self.customers)
         except (SfrtrError, TimeoutError) as exc:
-            self.audit_errors[type(exc).__name__] = self.audit_errors.get(
-                type(exc).__name__, 0) + 1
+            key = f"{type(exc).__name__}: {exc}"[:120]
+            self.audit_errors[key] = self.audit_errors.get(key, 0) + 1
             return None
 
     async def _settle(self, store: EtcdStore, since: float) -> float | None:

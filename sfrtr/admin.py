@@ -22,6 +22,8 @@ class CustomerStatus:
     locked: bool
     reason: str
     refresh_fingerprint: str
+    rescued: bool = False
+    """Rescue entries exist: a late refresh's tokens may still revive the grant."""
 
 
 async def list_status(store: TokenStore) -> list[CustomerStatus]:
@@ -33,7 +35,8 @@ async def list_status(store: TokenStore) -> list[CustomerStatus]:
             continue
         r = current.record
         out.append(CustomerStatus(customer, r.status, r.generation, r.expires_at,
-                                  current.locked, r.reason, r.refresh_token.fingerprint))
+                                  current.locked, r.reason, r.refresh_token.fingerprint,
+                                  current.rescued))
     return out
 
 
@@ -55,6 +58,11 @@ async def clear(store: TokenStore, customer: str, *, force: bool = False) -> Sta
     if status is not Status.REAUTH_REQUIRED and not force:
         raise RefusedToClear(f"customer {customer!r} is {status.value}, not reauth_required; "
                              "clearing would discard a live grant (use force to insist)")
+    if not force and (current.rescued or await store.rescues(customer)):
+        # A worker fenced out mid-refresh kept the family's newest tokens: the next
+        # read of the customer revives the grant with them.
+        raise RefusedToClear(f"customer {customer!r} has rescued tokens that may revive it; "
+                             "ask for its token once, or use force to insist")
     # Delete the version we judged, not whatever is there now: a record revived in
     # between (a rescue adopted, a re-authorization) holds a live grant.
     if not await store.delete(customer, version=current.version):

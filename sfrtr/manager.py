@@ -39,6 +39,7 @@ from sfrtr.oauth.client import LEASE_TOO_SHORT, REDIRECT_REFUSED, OAuthClient
 from sfrtr.oauth.grant import TokenGrant
 from sfrtr.oauth.outcome import OutcomeKind, RefreshOutcome
 from sfrtr.policy import RefreshPolicy
+from sfrtr.provider_clock import ProviderClock
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
 from sfrtr.secret import fingerprint
 from sfrtr.singleflight import Singleflight
@@ -163,14 +164,13 @@ class TokenManager:
         past that version without it, it never can land. Several can be pending: a
         stale mirror lets the next flight try again before the first one shows."""
         self._orphans_seen: dict[str, tuple[int, float]] = {}
-        self._skew = 0.0
-        """Local wall clock minus the provider's, as measured on its last answer."""
-        self._skew_known = False
+        self._clock = ProviderClock()
         self._presented: dict[str, tuple[str, float]] = {}
         """reuse_window only: customer -> (refresh fingerprint, local monotonic time this
         worker first presented it), to judge the window without any wall clock."""
         self._background: set[asyncio.Task[object]] = set()
         self._retries: dict[str, asyncio.TimerHandle] = {}
+        self._settlers: set[asyncio.TimerHandle] = set()
         self.store.subscribe(self._on_store_change)
 
     def _check_timing(self) -> None:
@@ -260,6 +260,8 @@ class TokenManager:
         return await self._fly(customer, None)
 
     def _refresh_in_background(self, customer: str) -> None:
+        self._settlers = {t for t in self._settlers if not t.cancelled() and
+                          t.when() > asyncio.get_running_loop().time()}
         if self._flights.in_flight(customer):
             return
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
@@ -278,9 +280,7 @@ class TokenManager:
         the store takes it: tokens held only in memory, or an acquire whose answer was
         lost (its lock would otherwise stay ours, and every other worker wait on it,
         until this worker happens to need the customer again)."""
-        section = self._unfinished.get(customer)
-        pending = (section is not None and (section.result is not None or section.sent)) or \
-            customer in self._unsent
+        pending = customer in self._unfinished or customer in self._unsent
         if not pending or customer in self._retries:
             return
         self._retries[customer] = asyncio.get_running_loop().call_later(
@@ -333,6 +333,8 @@ class TokenManager:
     async def aclose(self) -> None:
         """Let refreshes in flight finish (they may hold burnt tokens), then close."""
         await self.wait_idle()
+        for timer in [*self._settlers, *self._retries.values()]:
+            timer.cancel()
         for customer, section in self._unfinished.items():
             if section.result is not None:
                 log.error("customer %s: rotated tokens could not be stored before close; "
@@ -345,11 +347,7 @@ class TokenManager:
 
     def _provider_now(self) -> float:
         """Now on the provider's clock: expiry never depends on agreeing with it."""
-        return time.time() - self._skew
-
-    def _learn_skew(self, grant: TokenGrant) -> None:
-        self._skew = time.time() - grant.issued_at
-        self._skew_known = True
+        return self._clock.now()
 
     def _on_store_change(self, customer: str, state: Versioned | None) -> None:
         """Keep the hot-path cache in step with the store, whoever wrote it."""
@@ -463,8 +461,9 @@ class TokenManager:
             grace = self.store.lease_ttl + settle if orphan else settle
         else:
             grace = configured if orphan else min(configured, settle)
-        if self.policy.recovery == "introspect":
-            grace = max(grace, settle)  # never introspect while a request may be in flight
+        if self.policy.recovery != "fail_closed":
+            # Never introspect, nor present again, while a request may be in flight.
+            grace = max(grace, settle)
         return grace
 
     async def _wait(self, customer: str, seen: Versioned, deadline: float,
@@ -502,7 +501,7 @@ class TokenManager:
     def _intent(self, record: TokenRecord) -> Intent:
         # On the provider's clock, once an answer told us how far ours is off;
         # 0 (unknown) before that: a reuse window is never judged on a guess.
-        started = self._provider_now() if self._skew_known else 0.0
+        started = self._clock.earliest() if self._clock.known else 0.0
         earlier = record.intent
         if earlier is not None and earlier.refresh_fingerprint == record.refresh_token.fingerprint:
             # Recovering the same token: it may have been presented since the first
@@ -517,9 +516,16 @@ class TokenManager:
         """The longest a token request of this worker can last, margin included."""
         return self.oauth.config.exchange_limit + self.policy.lease_margin
 
-    def _budget(self) -> float | None:
-        lease = self.store.lease_remaining()
-        return None if lease is None else lease - self.policy.lease_margin
+    def _budget(self, section: _Section, window_end: float | None) -> float | None:
+        """Seconds the section can vouch for a request starting now: its own lease's
+        (not whatever lease the process holds now: a re-granted one does not hold
+        this lock), and the provider's reuse window when presenting inside it."""
+        lease = self.store.lease_remaining(section.intent.lease or None)
+        left = None if lease is None else lease - self.policy.lease_margin
+        if window_end is not None:
+            window = window_end - _monotonic()
+            left = window if left is None else min(left, window)
+        return left
 
     async def _section(self, customer: str, step: protocol.Step,
                        current: Versioned) -> _Entry | None:
@@ -538,7 +544,8 @@ class TokenManager:
         held = current.record
         if isinstance(step, protocol.Recover | protocol.Revive):
             held = protocol.released_record(current.record)
-        section = _Section(intent, current.record, held, acquired.version)
+        landed = acquired.record.intent if acquired.record.intent is not None else intent
+        section = _Section(landed, current.record, held, acquired.version)
         self._unfinished[customer] = section
         try:
             if isinstance(step, protocol.Revive):
@@ -593,25 +600,31 @@ class TokenManager:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _redeem(self, customer: str, section: _Section, *,
-                      retry: bool = False) -> _Entry | None:
+    async def _redeem(self, customer: str, section: _Section, *, retry: bool = False,
+                      window_end: float | None = None) -> _Entry | None:
         """Present ``section.held.refresh_token`` (the lock is ours at the fence) and
-        store whatever came of it."""
+        store whatever came of it. ``retry``: the token may have been presented
+        before (a recovery); ``window_end``: the monotonic time its provider reuse
+        window closes, which the whole request must fit in."""
         held = section.held
         fp = held.refresh_token.fingerprint
         log.debug("redeeming refresh %s for %s", fp, customer)
-        if self.policy.recovery == "reuse_window" and \
-                self._presented.get(customer, ("", 0.0))[0] != fp:
+        if self.policy.recovery == "reuse_window" and not retry:
+            # This worker presents the token first: the window cannot open earlier.
             self._presented[customer] = (fp, _monotonic())
-        outcome = await self.oauth.refresh(held.refresh_token, budget=self._budget)
+        sent = time.time()
+        outcome = await self.oauth.refresh(
+            held.refresh_token, budget=functools.partial(self._budget, section, window_end))
         if outcome.kind is OutcomeKind.NOT_SENT:
-            await self._commit(customer, section, protocol.released_record(held))
+            # Put back what the acquire replaced: for a recovery that is the orphan or
+            # the indeterminate outcome, not a "valid" record whose token may be burnt.
+            await self._commit(customer, section, section.prior)
             raise _untouched_error(customer, outcome)
         section.sent = True
         self.stats.redemptions += 1
         if outcome.kind is OutcomeKind.OK:
             assert outcome.grant is not None
-            self._learn_skew(outcome.grant)
+            self._clock.learn(sent, time.time(), outcome.grant.issued_at)
             record = protocol.refreshed_record(held, outcome.grant,
                                                lifetime=self.policy.session_lifetime)
             section.result = record
@@ -692,6 +705,19 @@ class TokenManager:
             self.stats.adopted += 1
             return self._cache_put(customer, adopted.record, adopted.version)
         reason = f"refresh token rejected: {outcome.description or outcome.error}"
+        if self.policy.recovery != "fail_closed":
+            # invalid_grant also says "IP restricted or invalid login hours" or "user is
+            # locked": the token is refused *now*, not dead. Only an inactive token
+            # justifies a re-authorization; an active one is held back for a while.
+            try:
+                info = await self.oauth.introspect(section.held.refresh_token)
+            except SfrtrError:
+                info = None
+            if info is not None and info.active:
+                until = self._provider_now() + self.policy.refused_backoff
+                await self._commit(customer, section, protocol.held_back_record(
+                    section.held, f"refresh refused, token still active: {reason}", until))
+                raise GrantSuspended(customer, reason, until)
         return await self._mark_dead(customer, section, reason, ReauthorizationRequired)
 
     async def _mark_dead(self, customer: str, section: _Section, reason: str,
@@ -722,6 +748,11 @@ class TokenManager:
         record = protocol.indeterminate_record(
             section.held.replace(intent=section.intent), reason)
         await self._commit(customer, section, record)
+        # Settle it even if no caller comes back for it (every cache may still hold a
+        # fresh access token): a background flight once the grace has passed.
+        self._settlers.add(asyncio.get_running_loop().call_later(
+            self._grace(orphan=False, intent=section.intent) + 1.0,
+            self._refresh_in_background, customer))
 
     async def _recover(self, customer: str, section: _Section,
                        orphan: TokenRecord) -> _Entry | None:
@@ -738,10 +769,13 @@ class TokenManager:
         if mode == "fail_closed":
             return await self._mark_dead(customer, section, orphan.reason or lost,
                                          RefreshIndeterminate)
-        if mode == "reuse_window" and self._inside_reuse_window(customer, orphan):
-            # The rotation (if any) came after the intent was written: still inside the
-            # provider's window, presenting the token again returns its successor.
-            return await self._redeem(customer, section, retry=True)
+        window_end = self._reuse_window_end(customer, orphan) if mode == "reuse_window" \
+            else None
+        if window_end is not None:
+            # The rotation (if any) came after the first presentation: still inside the
+            # provider's window (for the whole request: the budget checks it after any
+            # queueing), presenting the token again returns its successor.
+            return await self._redeem(customer, section, retry=True, window_end=window_end)
         # introspect, and reuse_window outside its window (or with no clock to tell):
         # ask the provider, now that no request presented under the intent can be
         # in flight.
@@ -757,20 +791,23 @@ class TokenManager:
             return await self._redeem(customer, section, retry=True)
         return await self._mark_dead(customer, section, lost, RefreshIndeterminate)
 
-    def _inside_reuse_window(self, customer: str, orphan: TokenRecord) -> bool:
-        """Whether the provider's reuse window is certainly still open for the token
-        ``orphan`` holds: on this worker's monotonic clock if it presented the token
-        itself; otherwise on the provider's clock, and only once both this worker and
-        the intent's writer had an answer to measure their clocks by."""
+    def _reuse_window_end(self, customer: str, orphan: TokenRecord) -> float | None:
+        """When (local monotonic) the provider's reuse window certainly closes for the
+        token ``orphan`` holds, or ``None`` if it may be closed already (or nobody can
+        tell). Counted from the token's first presentation: on this worker's
+        monotonic clock if it made it, else from the first intent's start on the
+        provider's clock, judged as late as it can be."""
         limit = self.policy.reuse_window - self.policy.lease_margin
         fp, first = self._presented.get(customer, ("", 0.0))
-        intent = orphan.intent
-        if fp == orphan.refresh_token.fingerprint and intent is not None and \
-                intent.worker == self.worker_id:
-            return _monotonic() - first < limit
-        if intent is None or not self._skew_known or intent.started_at <= 0:
-            return False
-        return self._provider_now() - intent.started_at < limit
+        if fp == orphan.refresh_token.fingerprint:
+            age = _monotonic() - first
+        elif orphan.intent is not None and orphan.intent.started_at > 0 and self._clock.known:
+            age = self._clock.latest() - orphan.intent.started_at
+        else:
+            return None
+        if age >= limit:
+            return None
+        return _monotonic() + (limit - age)
 
     async def _revive(self, customer: str, section: _Section, dead: TokenRecord) -> _Entry:
         """A dead record with rescues: adopt one of this grant, or drop them all."""
@@ -854,7 +891,7 @@ class TokenManager:
 
 def _untouched_error(customer: str, outcome: RefreshOutcome) -> SfrtrError:
     if outcome.error == LEASE_TOO_SHORT:
-        return LeaseLost(f"lease too short to refresh customer {customer!r} safely "
+        return LeaseLost(f"not enough time to refresh customer {customer!r} safely "
                          f"({outcome.description})")
     if outcome.error in _CONFIG_ERRORS:
         return ConfigurationError(

@@ -157,6 +157,13 @@ def suspended_record(held: TokenRecord, refresh_token: Secret, reason: str,
                         refresh_after=until, expires_at=0.0)
 
 
+def held_back_record(held: TokenRecord, reason: str, until: float) -> TokenRecord:
+    """A grant whose refresh the provider refused although its token is still active
+    (IP restrictions, login hours, a locked user): kept, unused until ``until``."""
+    return held.replace(status=Status.SUSPENDED, intent=None, reason=reason,
+                        refresh_after=until, expires_at=0.0)
+
+
 def refused_record(held: TokenRecord, reason: str, until: float) -> TokenRecord:
     """A valid record whose freshly refreshed session Salesforce refused anyway."""
     return held.replace(reason=reason, refresh_after=until)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
 import time
@@ -148,6 +150,9 @@ def build(args: argparse.Namespace) -> TokenManager:
 
 
 async def main(args: argparse.Namespace) -> None:
+    if log_dir := os.environ.get("SFRTR_WORKER_LOG_DIR"):  # for debugging fault runs
+        logging.basicConfig(filename=f"{log_dir}/worker-{os.getpid()}.log", level=logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
     monitor = LoopStallMonitor()
     monitor.start()
     reporter = asyncio.create_task(report_stalls(monitor))

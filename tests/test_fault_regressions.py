@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 import sfrtr.manager
+import sfrtr.provider_clock
 from sfrtr import (
     ConfigurationError,
     LeaseLost,
@@ -237,7 +238,7 @@ class LeasedMemoryStore(MemoryStore):
 
     remaining = 60.0
 
-    def lease_remaining(self) -> float | None:
+    def lease_remaining(self, lease: int | None = None) -> float | None:
         return self.remaining
 
     @property
@@ -553,7 +554,8 @@ async def test_item12_a_clock_far_ahead_does_not_refresh_on_every_call(
         emulator: Emulator, monkeypatch: pytest.MonkeyPatch):
     ahead = types.SimpleNamespace(time=lambda: time.time() + 3 * 3600,
                                   monotonic=time.monotonic)
-    monkeypatch.setattr(sfrtr.manager, "time", ahead)  # only this worker's clock
+    monkeypatch.setattr(sfrtr.manager, "time", ahead)  # only this worker's clocks
+    monkeypatch.setattr(sfrtr.provider_clock, "time", ahead)
     manager = TokenManager(emulator_oauth(emulator), MemoryStore(),
                            RefreshPolicy(lease_margin=0.5))
     await manager.connect("acme", emulator_grant(emulator, "acme"))

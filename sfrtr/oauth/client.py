@@ -233,8 +233,9 @@ class OAuthClient:
             status, raw = await self._post(self.config.token_url, form, budget)
         except _NoBudget as exc:
             return RefreshOutcome(OutcomeKind.NOT_SENT, error=LEASE_TOO_SHORT,
-                                  description=f"only {exc.left:.1f}s of lease left for a "
-                                  f"{self.config.exchange_limit:.1f}s request; not sent")
+                                  description=f"only {exc.left:.1f}s left (lease, or reuse "
+                                  f"window) for a {self.config.exchange_limit:.1f}s request; "
+                                  "not sent")
         except _BEFORE_SEND as exc:
             return RefreshOutcome(OutcomeKind.NOT_SENT, error=type(exc).__name__,
                                   description="could not connect to the token endpoint")

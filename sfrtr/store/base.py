@@ -83,9 +83,11 @@ class TokenStore(Protocol):
         changes made by other processes (``None``: the record was deleted). Keeps the
         token manager's cache current without reads."""
 
-    def lease_remaining(self) -> float | None:
+    def lease_remaining(self, lease: int | None = None) -> float | None:
         """Seconds this process can still count on its lock lease, or ``None``
-        when the store has no leases (one process owns everything)."""
+        when the store has no leases (one process owns everything). With
+        ``lease`` (the id a lock was bound to): 0 unless that lease is the one
+        still held, since a lock dies with its lease even if a new one was granted."""
 
     @property
     def lease_ttl(self) -> float:

@@ -190,9 +190,9 @@ class EtcdStore:
     def lease_id(self) -> int | None:
         return self._lease_id
 
-    def lease_remaining(self) -> float | None:
-        if self._lease_id is None:
-            return 0.0
+    def lease_remaining(self, lease: int | None = None) -> float | None:
+        if self._lease_id is None or (lease is not None and lease != self._lease_id):
+            return 0.0  # no lease, or not the one asked about (it was lost and replaced)
         return max(0.0, self._lease_deadline - time.monotonic())
 
     async def _grant(self) -> None:
@@ -220,6 +220,9 @@ class EtcdStore:
                 log.info("etcd keepalive interrupted: %s", exc)
                 if isinstance(exc, StreamBroken):
                     self._restart_watch()
+            except Exception:  # this loop must never die: a lease nobody renews expires
+                log.exception("etcd keepalive failed unexpectedly; starting again")
+                self._restart_watch()
             if self._lease_id is not None and time.monotonic() >= self._lease_deadline:
                 self._lose_lease("no keepalive answer before the deadline")
             await asyncio.sleep(min(1.0, self._ttl / 6))
@@ -328,6 +331,10 @@ class EtcdStore:
                     self._apply_batch(batch)
             except StoreError as exc:
                 log.info("etcd watch interrupted (%s); resynchronizing", exc)
+                self._synced = False
+                await asyncio.sleep(0.2)
+            except Exception:  # this loop must never die: the mirror would freeze
+                log.exception("etcd watch failed unexpectedly; resynchronizing")
                 self._synced = False
                 await asyncio.sleep(0.2)
 

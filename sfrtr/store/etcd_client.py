@@ -174,7 +174,8 @@ class KeepAlive:
         try:
             await self._call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
             reply = await asyncio.wait_for(self._call.read(), timeout)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            # InvalidStateError: the call already finished (its connection was cut).
             raise StreamBroken(f"etcd keepalive broke: {type(exc).__name__}") from None
         except TimeoutError:
             raise StoreError("etcd keepalive answer timed out") from None
@@ -342,15 +343,21 @@ class EtcdClient:
         """
         await self.connect()
         call = self._watch.Watch(metadata=self._metadata)
-        await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-            key=prefix, range_end=prefix_end(prefix), start_revision=start_revision,
-            progress_notify=True)))
+        try:
+            await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                key=prefix, range_end=prefix_end(prefix), start_revision=start_revision,
+                progress_notify=True)))
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            call.cancel()
+            raise StreamBroken(f"etcd watch broke: {type(exc).__name__}") from None
         try:
             while True:
                 try:
                     reply = await call.read()
                 except grpc.aio.AioRpcError as exc:
-                    raise StoreError(f"etcd watch broke: {exc.code().name}") from None
+                    raise StreamBroken(f"etcd watch broke: {exc.code().name}") from None
+                except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                    raise StreamBroken(f"etcd watch broke: {type(exc).__name__}") from None
                 if reply is grpc.aio.EOF:
                     raise StoreError("etcd watch stream ended")
                 if reply.compact_revision:

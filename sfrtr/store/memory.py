@@ -104,7 +104,7 @@ class MemoryStore:
 
     async def delete(self, customer: str, *, version: int | None = None) -> bool:
         found = self._records.get(customer)
-        if version is not None and (found is None or found[1] != version):
+        if version is not None and found is not None and found[1] != version:
             return False
         self._records.pop(customer, None)
         self._locked.discard(customer)
@@ -117,7 +117,7 @@ class MemoryStore:
     async def customers(self) -> list[str]:
         return list(self._records)
 
-    def lease_remaining(self) -> float | None:
+    def lease_remaining(self, lease: int | None = None) -> float | None:
         return None
 
     @property
