@@ -438,8 +438,9 @@ class EtcdStore:
             # catches; one it lacks may be brand new and still on its way.
             if known is not None:
                 return known
-        result = await self.client.txn([], [get(self._tok(customer)), get(self._lock(customer))])
-        return self._view(self._observe(customer, result.revision, *result.ranges))
+        revision, tok, lock = await self.client.get_pair(self._tok(customer),
+                                                         self._lock(customer))
+        return self._view(self._observe(customer, revision, tok, lock))
 
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
         await self._ensure()
@@ -487,8 +488,9 @@ class EtcdStore:
         return Versioned(record, result.revision, True, stamp=result.revision)
 
     async def _refresh_view(self, customer: str) -> None:
-        result = await self.client.txn([], [get(self._tok(customer)), get(self._lock(customer))])
-        self._observe(customer, result.revision, *result.ranges)
+        revision, tok, lock = await self.client.get_pair(self._tok(customer),
+                                                         self._lock(customer))
+        self._observe(customer, revision, tok, lock)
 
     async def commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
         await self._ensure()

@@ -4,9 +4,12 @@ It interprets the real protobuf requests the store builds (``compare``,
 ``put``, ``delete``, ``get``): one global revision, per-key create/mod
 revision and version, leases that expire in virtual time and delete the keys
 bound to them, Txn atomicity, and watch streams that deliver events in
-revision order with a per-worker lag. Faults: unavailability windows, answers
-lost after the request was applied, a retried request applied twice,
-compaction (slow watchers get a ``compacted`` batch, as etcd cancels them).
+revision order with a per-worker lag. Faults: unavailability windows (for
+everyone, or one worker cut off), answers lost after the request was applied
+(any, or an acquire's over a record a refresh left behind), a retried request
+applied twice, compaction (slow watchers get a ``compacted`` batch, as etcd
+cancels them). Creating a watch takes 0.05-0.55 s, as the created reply does
+over a real connection.
 
 The model's own timers run in a context owned by nobody, so pausing or
 killing a worker never stops etcd; a request travels in its worker's context,
@@ -25,6 +28,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aetcd import rpc
 
 from sfrtr.errors import LeaseLost, StoreError
@@ -67,6 +71,11 @@ class Faults:
     """Probability that a request is applied twice (the adapter's retry)."""
     lag: Callable[[str, float], float] = lambda worker, now: 0.002
     """Watch delivery lag for a worker, seconds."""
+    cut: Callable[[str, float], bool] = lambda worker, now: False
+    """Whether a worker is partitioned from etcd (etcd itself is up)."""
+    acquire_lost: Callable[[float], float] = lambda now: 0.0
+    """Probability that the answer of an acquire (a Txn putting the lock and the record)
+    over a ``refreshing`` or ``indeterminate`` record is lost after it was applied."""
 
 
 @dataclass
@@ -79,6 +88,9 @@ class _Watcher:
     last_at: float = 0.0
     broken: str = ""
     wakeup: asyncio.Future[None] | None = None
+    caught_up: Callable[[str, int], None] | None = None
+    """Called (soon, in the reader's context) when a delivered batch leaves nothing
+    pending: the worker's mirror has then applied everything up to its revision."""
 
     def push(self, at: float, batch: WatchBatch) -> None:
         at = max(at, self.last_at)  # a stream delivers in order
@@ -104,6 +116,9 @@ class _Watcher:
                 at, batch = self.pending[0]
                 if at <= now:
                     self.pending.popleft()
+                    if self.caught_up is not None and not self.pending and \
+                            not batch.compacted:
+                        self.loop.call_soon(self.caught_up, self.worker, batch.revision)
                     return batch
                 timer = self.loop.call_at(at, self._wake)
                 try:
@@ -118,9 +133,13 @@ class EtcdModel:
     """The cluster: one keyspace, shared by every worker's client."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, rng: random.Random,
-                 trace: Callable[[str | None, str], None]) -> None:
+                 trace: Callable[[str | None, str], None],
+                 watch_rng: random.Random | None = None) -> None:
         self.loop = loop
         self.rng = rng
+        self.watch_rng = watch_rng or random.Random(0)
+        """Draws watch-creation latencies (a stream of its own)."""
+        self.on_caught_up: Callable[[str, int], None] | None = None
         self.trace = trace
         self.faults = Faults()
         self.revision = 1
@@ -131,6 +150,8 @@ class EtcdModel:
         self.leases: dict[int, float] = {}
         """lease -> virtual deadline."""
         self.ttls: dict[int, int] = {}
+        self.owners: dict[int, str] = {}
+        """lease -> the worker that granted it."""
         self._next_lease = 0x7A00
         self.watchers: list[_Watcher] = []
         self._ctx = contextvars.Context()  # nobody's: pausing a worker never stops etcd
@@ -227,9 +248,10 @@ class EtcdModel:
 
     # -- leases --------------------------------------------------------------------
 
-    def grant(self, ttl: int) -> int:
+    def grant(self, ttl: int, owner: str = "") -> int:
         self._next_lease += 1
         lease = self._next_lease
+        self.owners[lease] = owner
         self.leases[lease] = self.loop.time() + ttl
         self.ttls[lease] = ttl
         self._arm(lease)
@@ -282,7 +304,7 @@ class EtcdModel:
         self.trace(None, f"etcd: compacted at {revision}")
 
     def open_watch(self, worker: str, prefix: bytes, end: bytes, start: int) -> _Watcher:
-        w = _Watcher(worker, prefix, end, self.loop)
+        w = _Watcher(worker, prefix, end, self.loop, caught_up=self.on_caught_up)
         now = self.loop.time()
         lag = self.faults.lag(worker, now)
         if 0 < start <= self.compact_revision:
@@ -353,7 +375,7 @@ class _KeepAlive:
             return None
         model = c.model
         now = model.loop.time()
-        if model.faults.down(now):
+        if c.unreachable(now):
             raise StoreError("etcd keepalive broke: AioRpcError")
         ttl = model.keepalive(lease_id)
         if model.rng.random() < model.faults.lost(now):
@@ -380,19 +402,24 @@ class ModelClient:
         """One network hop: a millisecond or so, never zero (a hop always yields)."""
         await asyncio.sleep(0.0005 + self.model.rng.random() * 0.002)
 
-    async def _unary(self, method: str, apply: Callable[[], Any]) -> Any:
+    def unreachable(self, now: float) -> bool:
+        faults = self.model.faults
+        return faults.down(now) or faults.cut(self.worker, now)
+
+    async def _unary(self, method: str, apply: Callable[[], Any], lose: float = 0.0) -> Any:
         self.round_trips += 1
         await self.travel()
         model = self.model
         now = model.loop.time()
-        if model.faults.down(now):
+        if self.unreachable(now):
             raise StoreError(f"etcd {method} failed: UNAVAILABLE")
         result = apply()
         if model.rng.random() < model.faults.dup(now):
             # The adapter's retry after UNAVAILABLE: etcd had applied the first.
             model.trace(self.worker, f"etcd: {method} applied twice (retry)")
             result = apply()
-        if model.rng.random() < model.faults.lost(now):
+        if model.rng.random() < model.faults.lost(now) or \
+                (lose > 0.0 and model.rng.random() < lose):
             model.trace(self.worker, f"etcd: {method} applied, answer lost")
             if model.rng.random() < 0.5:
                 await asyncio.sleep(self.timeout)
@@ -415,14 +442,37 @@ class ModelClient:
             if compares or any(op.WhichOneof("request") != "request_range" for op in success):
                 self.model.trace(self.worker, _describe(compares, success, result))
             return result
-        result: TxnResult = await self._unary("Txn", apply)
+        lose = self.model.faults.acquire_lost(self.model.loop.time())
+        if lose > 0.0 and not self._acquires_after_refresh(success):
+            lose = 0.0
+        result: TxnResult = await self._unary("Txn", apply, lose)
         return result
+
+    def _acquires_after_refresh(self, success: Sequence[Any]) -> bool:
+        """Whether a Txn puts a lock and a record over a record a refresh left behind."""
+        puts = [op.request_put.key for op in success
+                if op.WhichOneof("request") == "request_put"]
+        record = next((k for k in puts if b"/tok/" in k), None)
+        if record is None or not any(b"/lock/" in k for k in puts):
+            return False
+        old = self.model.value(record)
+        return old is not None and orjson.loads(old).get("status") in (
+            "refreshing", "indeterminate")
 
     async def range(self, key: bytes, *, prefix: bool = False,
                     keys_only: bool = False) -> tuple[int, list[KV]]:
         end = prefix_end(key) if prefix else b""
         result: tuple[int, list[KV]] = await self._unary(
             "Range", lambda: (self.model.revision, self.model.range(key, end, keys_only)))
+        return result
+
+    async def get_pair(self, first: bytes, second: bytes
+                       ) -> tuple[int, list[KV], list[KV]]:
+        """Two keys as of one revision (the adapter reads them with two Ranges, the
+        second pinned to the first's revision; the model answers both at once)."""
+        result: tuple[int, list[KV], list[KV]] = await self._unary(
+            "Range", lambda: (self.model.revision, self.model.range(first, b"", False),
+                              self.model.range(second, b"", False)))
         return result
 
     async def range_pages(self, prefix: bytes, page_size: int
@@ -449,14 +499,14 @@ class ModelClient:
         await self._unary("Compact", lambda: self.model.compact(revision))
 
     async def grant(self, ttl: int) -> tuple[int, int]:
-        lease: int = await self._unary("LeaseGrant", lambda: self.model.grant(ttl))
+        lease: int = await self._unary("LeaseGrant", lambda: self.model.grant(ttl, self.worker))
         return lease, ttl
 
     async def revoke(self, lease_id: int) -> None:
         await self._unary("LeaseRevoke", lambda: self.model.revoke(lease_id))
 
     async def keepalive(self) -> _KeepAlive:
-        if self.model.faults.down(self.model.loop.time()):
+        if self.unreachable(self.model.loop.time()):
             raise StoreError("etcd keepalive broke: UNAVAILABLE")
         return _KeepAlive(self)
 
@@ -464,8 +514,9 @@ class ModelClient:
                            ) -> AsyncIterator[WatchBatch]:
         await self.travel()
         model = self.model
-        if model.faults.down(model.loop.time()):
+        if self.unreachable(model.loop.time()):
             raise StoreError("etcd watch broke: UNAVAILABLE")
+        await asyncio.sleep(0.05 + model.watch_rng.random() * 0.5)  # the created reply
         w = model.open_watch(self.worker, prefix, prefix_end(prefix), start_revision)
         try:
             while True:
