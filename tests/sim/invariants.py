@@ -47,6 +47,7 @@ def check(world: World) -> list[str]:
     for p in ledger.concurrent:
         out.append(f"concurrent: {p.worker} presented refresh {p.token} at t={p.at:.3f} while "
                    "another request with it was being processed")
+    out += _refresh_loops(world)
     if world.loop.spin:
         # The run stopped at the spin: the end state says nothing more.
         return [*out, f"spin: {world.loop.spin}", *world.found.violations]
@@ -55,6 +56,27 @@ def check(world: World) -> list[str]:
         if not world.connected[customer]:
             continue
         out += _check_customer(world, customer)
+    return out
+
+
+def _refresh_loops(world: World) -> list[str]:
+    """While a customer's API calls are refused whatever the token, a refresh cannot
+    help: after the first refused fresh session, no worker redeems for
+    ``refused_backoff`` seconds. Each worker may come once more per backoff (its
+    skewed clock may see the pause end early), and one refresh may have been on
+    its way when the window opened."""
+    cfg = world.cfg
+    out = []
+    for f in world.plan.faults:
+        if f.kind != "api_refused":
+            continue
+        end = f.at + f.span
+        n = sum(1 for p in world.endpoint.ledger.presentations
+                if p.customer == f.target and f.at <= p.at < end and p.verdict == "accepted")
+        limit = cfg.workers * (f.span / cfg.refused_backoff + 1) + 1
+        if n > limit:
+            out.append(f"refresh loop: {n} redemptions of {f.target} while its API calls were "
+                       f"refused for {f.span:.0f}s from t={f.at:.2f} (limit {limit:.0f})")
     return out
 
 
@@ -92,6 +114,12 @@ def _check_customer(world: World, customer: str) -> list[str]:
         elif not any(word in record.reason.lower() for word in LOSS_WORDS):
             out.append(f"unexplained: {customer} is reauth_required with reason "
                        f"{record.reason!r}, which names no loss")
+    elif status is Status.SUSPENDED:
+        # A grant whose last answer the client refused keeps its live refresh token
+        # and resumes after ``refused_backoff``: settled, as long as that is so.
+        if state != "live":
+            out.append(f"silent loss: {customer} is suspended with refresh {fp} which is "
+                       f"{state} at the provider")
     else:
         out.append(f"unsettled: {customer} is {status.value} after the settle phase")
     return out

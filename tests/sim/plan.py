@@ -8,7 +8,7 @@ replayed with the same seed.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sfrtr.policy import RecoveryMode
 
@@ -17,6 +17,27 @@ FAULT_KINDS = (
     "compact", "token_drop", "token_slow", "token_5xx", "token_gateway", "token_reset",
     "token_refused", "introspect_error", "reauth", "disconnect", "clear", "skew_jump",
 )
+
+#: Fault kinds drawn from a second stream (``plan-extra:<seed>``), so that adding them
+#: left every plan of :data:`FAULT_KINDS` (and the regression seeds) as it was.
+#: ``partition``: one worker cannot reach etcd; ``slow_wave``: token answers are slow
+#: while the connected customers' sessions come due together, and one worker is cut
+#: off from etcd meanwhile; ``token_invalid``: a 2xx answer the client refuses (bad
+#: signature or unknown instance URL); ``reauth_race``: a customer re-authorizes just
+#: as the provider accepted a refresh of its grant; ``pause_rotated``: the worker whose
+#: token was just rotated stops for longer than its lease and the recovery grace;
+#: ``api_refused``: a customer's API calls get 401 whatever its token;
+#: ``acquire_lost``: the answer of an acquire over a refreshing or indeterminate
+#: record is lost.
+EXTRA_KINDS = (
+    "partition", "slow_wave", "token_invalid", "reauth_race", "pause_rotated",
+    "api_refused", "acquire_lost",
+)
+#: Of those, the kinds that strike at a rare instant (a refresh accepted, a token
+#: rotated, an acquire over a recovering record), with a small chance each time:
+#: each is drawn, independently, for the whole fault phase of half the plans (and
+#: so is a ``slow_wave``); the other kinds are windows drawn like the first stream's.
+ANCHORED_KINDS = {"reauth_race": 0.05, "pause_rotated": 0.05, "acquire_lost": 0.5}
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,18 @@ class Config:
     fault_phase: float
     """Faults happen in [0, fault_phase); then the workload settles."""
     skews: tuple[float, ...] = ()
+    max_concurrent: tuple[int, ...] = ()
+    """Per worker: the OAuth client's cap on token requests in flight (empty: 64)."""
+    refused_backoff: float = 300.0
+    """``RefreshPolicy.refused_backoff``: shorter than the settle bound, so a suspended
+    grant comes back within it."""
+
+    def exchange_limit(self) -> float:
+        """The client's longest token request, graces included (``OAuthConfig``'s)."""
+        return self.provider_timeout + 2.25
+
+    def recovery_grace(self) -> float:
+        return self.lease_ttl + self.provider_timeout + 2.0
 
     def settle_bound(self) -> float:
         """How long after the last fault every customer must have settled.
@@ -70,7 +103,7 @@ class Config:
         (TTL + timeout + margin), a waiter gives up after ``wait_timeout``; and
         the retried store writes back off up to 2 s. Twice that, to be fair.
         """
-        grace = self.lease_ttl + self.provider_timeout + 2.0
+        grace = self.recovery_grace()
         one = self.lease_ttl + self.provider_timeout + 2.25 + grace + self.wait_timeout + 4.0
         return 2 * one
 
@@ -152,7 +185,73 @@ def draw_faults(rng: random.Random, config: Config) -> list[Fault]:
     return faults
 
 
+def draw_extra_config(rng: random.Random, config: Config) -> Config:
+    return replace(config,
+                   max_concurrent=tuple(rng.choice([1, 2, 64, 64])
+                                        for _ in range(config.workers)),
+                   refused_backoff=rng.choice([10.0, 30.0]))
+
+
+def draw_slow_wave(rng: random.Random, config: Config) -> list[Fault]:
+    """Slow token answers as the sessions granted at t≈0 come due together, and the
+    worker with the narrowest OAuth queue cut off from etcd while its requests queue
+    (its budget must be judged again when a request leaves the queue)."""
+    end = config.fault_phase
+    period = config.session_lifetime - config.refresh_margin
+    waves = [k * period for k in range(1, int(end / period) + 1) if k * period < end - 5]
+    if not waves:
+        return []
+    wave = rng.choice(waves)
+    at = round(max(0.5, wave - rng.uniform(0.0, 1.0)), 3)
+    room = max(0.1, end - at - 0.5)
+    slow = Fault(at, "token_slow", "", round(min(room, rng.choice([10.0, 30.0])), 3),
+                 rng.choice([0.5, 1.0]))
+    narrowest = min(config.max_concurrent or (64,))
+    queued = [w for w, n in zip(worker_names(config.workers), config.max_concurrent,
+                                strict=False) if n == narrowest] or worker_names(config.workers)
+    # The cut comes after the first locks of the wave were taken (a partitioned
+    # worker takes none), while their requests still queue.
+    cut_at = round(wave + rng.uniform(0.5, 4.0), 3)
+    cut = Fault(cut_at, "partition", rng.choice(queued),
+                round(min(max(0.1, end - cut_at - 0.5),
+                          config.lease_ttl * rng.choice([0.8, 1.5])), 3))
+    return [slow, cut]
+
+
+def draw_extra_faults(rng: random.Random, config: Config) -> list[Fault]:
+    workers = worker_names(config.workers)
+    customers = customer_names(config.customers)
+    end = config.fault_phase
+    faults: list[Fault] = []
+    for kind, p in ANCHORED_KINDS.items():
+        if rng.random() < 0.5:
+            at = round(rng.uniform(1.0, 10.0), 3)
+            faults.append(Fault(at, kind, "", round(end - at - 0.5, 3), p))
+    if rng.random() < 0.5:
+        faults += draw_slow_wave(rng, config)
+    windowed = [k for k in EXTRA_KINDS if k not in ANCHORED_KINDS and k != "slow_wave"]
+    for _ in range(rng.choice([0, 1, 1, 2, 2, 3])):
+        kind = rng.choice(windowed)
+        at = round(rng.uniform(1.0, end * 0.9), 3)
+        room = max(0.1, end - at - 0.5)
+        if kind == "partition":
+            span = min(room, rng.choice([3.0, config.lease_ttl * 0.8, config.lease_ttl * 1.5]))
+            faults.append(Fault(at, kind, rng.choice(workers), round(span, 3)))
+        elif kind == "api_refused":
+            faults.append(Fault(at, kind, rng.choice(customers),
+                                round(min(room, rng.choice([10.0, 30.0])), 3)))
+        else:  # token_invalid
+            span = min(room, rng.choice([2.0, 10.0, 30.0]))
+            faults.append(Fault(at, kind, "", round(span, 3), rng.choice([0.05, 0.2, 0.5])))
+    return faults
+
+
 def draw_plan(seed: int) -> Plan:
     rng = random.Random(f"plan:{seed}")
     config = draw_config(rng)
-    return Plan(config, draw_faults(rng, config))
+    faults = draw_faults(rng, config)
+    extra = random.Random(f"plan-extra:{seed}")
+    config = draw_extra_config(extra, config)
+    faults += draw_extra_faults(extra, config)
+    faults.sort(key=lambda f: (f.at, f.kind, f.target))
+    return Plan(config, faults)

@@ -73,7 +73,8 @@ def run(seed: int, plan: Plan | None = None) -> Outcome:
     offsets = {w: 1000.0 * (i + 1) for i, w in enumerate(names)}
     skews = {w: cfg.skews[i] if i < len(cfg.skews) else 0.0 for i, w in enumerate(names)}
     fake = FakeTime(loop, offsets, skews)
-    etcd = EtcdModel(loop, random.Random(f"etcd:{seed}"), trace.add)
+    etcd = EtcdModel(loop, random.Random(f"etcd:{seed}"), trace.add,
+                     watch_rng=random.Random(f"watch:{seed}"))
     endpoint = TokenEndpoint(loop, random.Random(f"provider:{seed}"), CLIENT_SECRET, trace.add,
                              reuse_window=cfg.reuse_window, session_timeout=cfg.provider_session,
                              timeout=cfg.provider_timeout)

@@ -6,7 +6,9 @@ signature and instance-URL validation, ``introspect``. The model rotates on
 every refresh, answers "token request is already being processed" to a
 concurrent request with the same refresh token, revokes the family on reuse
 (unless a reuse window applies), and can lose an answer after rotating, answer
-slowly, answer 5xx, or reset before processing.
+slowly, answer 5xx, or reset before processing; answer a refresh 2xx the client
+must refuse (signed with another secret, or naming an unknown instance); and
+refuse every API call of a customer for a while, whatever its token.
 
 A request is processed on the model's own timer: once it has reached the
 model, a client that gave up (timeout, pause, kill) does not stop the
@@ -63,6 +65,7 @@ class Presentation:
     token: str
     """A fingerprint."""
     verdict: str
+    customer: str = ""
 
 
 @dataclass
@@ -89,6 +92,26 @@ class Faults:
     drop_after: Callable[[float], float] = lambda now: 0.0
     slow: Callable[[float], float] = lambda now: 0.0
     introspect_error: Callable[[float], float] = lambda now: 0.0
+    invalid: Callable[[float], float] = lambda now: 0.0
+    """A 2xx refresh answer the client must refuse (bad signature, unknown instance)."""
+    reauth_race: Callable[[float], float] = lambda now: 0.0
+    """The customer re-authorizes as a refresh of its grant is accepted."""
+    pause_rotated: Callable[[float], float] = lambda now: 0.0
+    """The presenting worker stops right after its token was rotated."""
+    api_refused: Callable[[str, float], bool] = lambda customer, now: False
+    """The customer's API calls are refused (401) whatever the token."""
+
+
+@dataclass
+class Hooks:
+    """What the world does when the provider reaches a point some faults hang on."""
+
+    sent: Callable[[str, str], None] = lambda worker, refresh_token: None
+    """A refresh request left ``worker``'s client (called before it is processed)."""
+    accepted: Callable[[str, str], None] = lambda worker, customer: None
+    """``reauth_race`` struck: ``customer`` re-authorizes now."""
+    rotated: Callable[[str, str], None] = lambda worker, customer: None
+    """``pause_rotated`` struck: ``worker``'s token for ``customer`` was just rotated."""
 
 
 class TokenEndpoint:
@@ -107,6 +130,7 @@ class TokenEndpoint:
         self.timeout = timeout
         """The client's deadline: "slow" answers take longer than this."""
         self.faults = Faults()
+        self.hooks = Hooks()
         self.ledger = Ledger()
         self.families: list[Family] = []
         self.by_refresh: dict[str, Family] = {}
@@ -122,16 +146,20 @@ class TokenEndpoint:
         self._serial += 1
         return f"{kind}{self._serial:06d}{self.rng.getrandbits(64):016x}"
 
-    def _answer(self, family: Family, refresh: str | None) -> bytes:
+    def _answer(self, family: Family, refresh: str | None, forged: str = "") -> bytes:
+        """A 2xx body; ``forged``: "signature" (signed with another secret) or
+        "instance" (an instance URL the client must not trust)."""
         now = EPOCH + self.loop.time()
         access = self._token("00Dsim!AQ")
         self.access[access] = (family, self.loop.time())
         issued = str(int(now * 1000))
         identity = f"https://login.salesforce.com/id/00Dsim{family.family_id:09d}/005sim"
-        mac = hmac.new(self.secret.encode(), (identity + issued).encode(), hashlib.sha256)
+        secret = "rotated-client-secret" if forged == "signature" else self.secret
+        mac = hmac.new(secret.encode(), (identity + issued).encode(), hashlib.sha256)
+        instance = "https://sim0.salesforce.example.net" if forged == "instance" else INSTANCE_URL
         body: dict[str, str] = {
             "access_token": access, "signature": base64.b64encode(mac.digest()).decode(),
-            "scope": "api refresh_token", "instance_url": INSTANCE_URL, "id": identity,
+            "scope": "api refresh_token", "instance_url": instance, "id": identity,
             "token_type": "Bearer", "issued_at": issued}
         if refresh is not None:
             body["refresh_token"] = refresh
@@ -167,11 +195,21 @@ class TokenEndpoint:
         family, issued = found
         return not family.revoked and self.loop.time() < issued + self.session_timeout
 
+    def api_valid(self, access_token: str) -> bool:
+        """Whether an API call with this bearer token succeeds: a valid token of a
+        customer whose calls are not all being refused."""
+        found = self.access.get(access_token)
+        if found is None or self.faults.api_refused(found[0].customer, self.loop.time()):
+            return False
+        return self.access_valid(access_token)
+
     # -- the exchange ------------------------------------------------------------
 
     async def exchange(self, worker: str, url: str, form: dict[str, str],
                        answered: asyncio.Event) -> tuple[int, bytes]:
         path = urlsplit(url).path
+        if form.get("grant_type") == "refresh_token":
+            self.hooks.sent(worker, form.get("refresh_token", ""))
         now = self.loop.time()
         f = self.faults
         if self.rng.random() < f.refused(now):
@@ -225,7 +263,7 @@ class TokenEndpoint:
         ledger = self.ledger
 
         def verdict(v: str) -> Presentation:
-            p = Presentation(now, worker, fp, v)
+            p = Presentation(now, worker, fp, v, family.customer if family else "")
             ledger.presentations.append(p)
             self.trace(worker, f"provider: refresh {fp} presented -> {v}")
             return p
@@ -257,6 +295,11 @@ class TokenEndpoint:
                 return
         else:
             verdict("accepted")
+            race = self.faults.reauth_race(now)
+            if race and self.rng.random() < race:
+                self.trace(None, f"provider: {family.customer} re-authorizes while {fp} "
+                                 "is being redeemed")
+                self.hooks.accepted(worker, family.customer)
         family.in_flight.add(presented)
         f = self.faults
         slow = self.rng.random() < f.slow(now)
@@ -264,6 +307,11 @@ class TokenEndpoint:
             0.02 + self.rng.random() * 0.2
         drop = self.rng.random() < f.drop_after(now)
         gateway = self.rng.random() < f.error_after(now)
+        invalid = f.invalid(now)
+        forged = self.rng.choice(["signature", "instance"]) \
+            if invalid and self.rng.random() < invalid else ""
+        stop = f.pause_rotated(now)
+        stop_worker = not reissue and bool(stop) and self.rng.random() < stop
 
         def finish() -> None:
             family.in_flight.discard(presented)
@@ -280,8 +328,11 @@ class TokenEndpoint:
             ledger.redemptions += 1
             self.trace(None, f"provider: {fp} rotated -> {fingerprint(refresh)}"
                              + (" (answer dropped)" if drop else "")
-                             + (" (gateway 502)" if gateway else ""))
-            body = self._answer(family, refresh)
+                             + (" (gateway 502)" if gateway else "")
+                             + (f" (forged {forged})" if forged else ""))
+            body = self._answer(family, refresh, forged)
+            if stop_worker:
+                self.hooks.rotated(worker, family.customer)
             if gateway:
                 _settle(done, (502, b"<html>Bad Gateway</html>", ""))
             else:

@@ -4,6 +4,12 @@ Each worker is the real stack: ``TokenManager`` over a real ``EtcdStore``
 whose client is the etcd model, and an ``OAuthClient`` whose HTTP exchange is
 the token-endpoint model. Every task of a worker runs in a context that
 names it, so the loop can pause or kill it.
+
+Besides the end state (``invariants``), the world checks as it goes: a refresh
+request leaves a client only while that worker's lock for the customer is in
+etcd on its own lease with a whole request's time left; a worker whose watch
+has caught up mirrors the keyspace; a ``token()`` started after ``connect()``
+returned on the same worker hands out the new grant's session.
 """
 
 from __future__ import annotations
@@ -58,6 +64,15 @@ class Findings:
     calls: int = 0
 
 
+@dataclass(frozen=True)
+class Connected:
+    """The last ``connect()`` that returned, for one customer."""
+
+    at: float
+    worker: str
+    family: int
+
+
 def _window(faults: list[Fault], kind: str) -> Callable[[float], float]:
     spans = [(f.at, f.at + f.span, f.p) for f in faults if f.kind == kind]
     if not spans:
@@ -83,26 +98,34 @@ class World:
         self.connected: dict[str, bool] = dict.fromkeys(self.customers, False)
         self.latest_family: dict[str, int] = {}
         """customer -> family id of its last successful connect."""
+        self.last_connect: dict[str, Connected] = {}
+        self.operator: dict[str, int] = {}
+        """customer -> disconnects/clears under way (they delete its lock at will)."""
         self.rng = random.Random(f"world:{seed}")
-        self.workers = [self._worker(name) for name in worker_names(self.cfg.workers)]
+        self.workers = [self._worker(i, name)
+                        for i, name in enumerate(worker_names(self.cfg.workers))]
+        self.stores = {w.name: w.store for w in self.workers}
         self._install_fault_windows()
+        self._install_checks()
 
     # -- building -------------------------------------------------------------------
 
-    def _worker(self, name: str) -> Worker:
+    def _worker(self, index: int, name: str) -> Worker:
         cfg = self.cfg
+        slots = cfg.max_concurrent[index] if index < len(cfg.max_concurrent) else 64
         store = EtcdStore(namespace="sim", lease_ttl=cfg.lease_ttl)
         client = ModelClient(self.etcd, name)
         store.client = client  # type: ignore[assignment]
         config = OAuthConfig(client_id="3MVGsim", client_secret=Secret(CLIENT_SECRET),
                              timeout=cfg.provider_timeout,
                              connect_timeout=min(1.0, cfg.provider_timeout / 2),
-                             instance_policy=InstanceUrlPolicy())
+                             instance_policy=InstanceUrlPolicy(), max_concurrent=slots)
         oauth = SimOAuthClient(config, self.endpoint, name)
         options: dict[str, Any] = dict(
             session_lifetime=cfg.session_lifetime, refresh_margin=cfg.refresh_margin,
             background_refresh=cfg.background_refresh, wait_timeout=cfg.wait_timeout,
-            recovery=cfg.recovery, busy_backoff=cfg.busy_backoff)
+            recovery=cfg.recovery, busy_backoff=cfg.busy_backoff,
+            refused_backoff=cfg.refused_backoff)
         if "reuse_window" in {f.name for f in dataclasses.fields(RefreshPolicy)}:
             options["reuse_window"] = cfg.reuse_window  # the policy learnt the window
         policy = RefreshPolicy(**options)
@@ -123,6 +146,15 @@ class World:
                          if f.target == worker and f.at <= now < f.at + f.span), default=0.0)
             return 0.002 + extra
         e.lag = lag
+        cuts = [(f.target, f.at, f.at + f.span) for f in faults if f.kind == "partition"]
+        e.cut = lambda worker, now: any(w == worker and a <= now < b for w, a, b in cuts)
+        e.acquire_lost = _window(faults, "acquire_lost")
+        refusals = [(f.target, f.at, f.at + f.span) for f in faults if f.kind == "api_refused"]
+        t.api_refused = lambda customer, now: any(c == customer and a <= now < b
+                                                  for c, a, b in refusals)
+        t.invalid = _window(faults, "token_invalid")
+        t.reauth_race = _window(faults, "reauth_race")
+        t.pause_rotated = _window(faults, "pause_rotated")
         t.drop_after = _window(faults, "token_drop")
         t.slow = _window(faults, "token_slow")
         t.error_5xx = _window(faults, "token_5xx")
@@ -130,6 +162,78 @@ class World:
         t.reset_before = _window(faults, "token_reset")
         t.refused = _window(faults, "token_refused")
         t.introspect_error = _window(faults, "introspect_error")
+
+    def _install_checks(self) -> None:
+        hooks = self.endpoint.hooks
+        hooks.sent = self._check_lock_on_send
+        hooks.accepted = lambda worker, customer: self._apply(
+            Fault(self.loop.time(), "reauth", customer))
+        hooks.rotated = self._pause_rotated
+        self.etcd.on_caught_up = self._check_mirror_live
+
+    def _pause_rotated(self, worker: str, customer: str) -> None:
+        """Stop the worker longer than its lease and the recovery grace, if that ends
+        within the fault phase (the settle phase is fault-free)."""
+        span = self.cfg.lease_ttl + self.cfg.recovery_grace() + 5.0
+        now = self.loop.time()
+        if worker in self.loop.killed or now + span >= self.cfg.fault_phase:
+            return
+        self.trace(worker, f"FAULT paused for {span:.1f}s right after its token for "
+                           f"{customer} was rotated")
+        self.loop.pause(worker, now + span)
+
+    def _violation(self, text: str) -> None:
+        if text not in self.found.violations:
+            self.found.violations.append(text)
+
+    def _check_lock_on_send(self, worker: str, refresh_token: str) -> None:
+        """A refresh request may leave a worker only under that worker's lock, on a
+        lease with at least one whole request's time left (else another worker can
+        take the customer over while the request is still being answered)."""
+        family = self.endpoint.family_of(refresh_token)
+        if family is None:
+            return
+        customer, now = family.customer, self.loop.time()
+        if self.operator.get(customer):
+            return  # a disconnect or clear deletes the customer's keys, lock included
+        lock = self.etcd.keys.get(b"sim/lock/" + quote(customer, safe="").encode())
+        fp = fingerprint(refresh_token)
+        if lock is None:
+            self._violation(f"lease: {worker} sent refresh {fp} of {customer} at t={now:.3f} "
+                            "without its lock in etcd")
+            return
+        owner = self.etcd.owners.get(lock.lease, "")
+        left = self.etcd.leases.get(lock.lease, now) - now
+        # The worker's estimate of its lease never exceeds etcd's deadline (it is timed
+        # from the request), and it sends only with a request's time left beyond its
+        # lease margin: so etcd's deadline must leave both.
+        need = self.cfg.exchange_limit() + self.workers[0].manager.policy.lease_margin
+        if owner != worker:
+            self._violation(f"lease: {worker} sent refresh {fp} of {customer} at t={now:.3f} "
+                            f"while the lock is on a lease of {owner or 'nobody'}")
+        elif left < need - 1e-6:
+            self._violation(f"lease: {worker} sent refresh {fp} of {customer} at t={now:.3f} "
+                            f"with {left:.2f}s left on its lock's lease (a request takes "
+                            f"up to {self.cfg.exchange_limit():.2f}s, plus the lease margin)")
+
+    def _check_mirror_live(self, worker: str, revision: int) -> None:
+        """A worker whose watch delivered everything up to the store's revision
+        mirrors every customer it knows as etcd holds it."""
+        etcd = self.etcd
+        if revision != etcd.revision or worker in self.loop.killed:
+            return
+        mirror = getattr(self.stores[worker], "_mirror", None)
+        if not isinstance(mirror, dict):
+            return
+        for customer, m in list(mirror.items()):
+            key = quote(customer, safe="").encode()
+            tok = etcd.keys.get(b"sim/tok/" + key)
+            truth = (tok.mod_revision if tok else 0, b"sim/lock/" + key in etcd.keys)
+            seen = (m.version if m.record is not None else 0, m.locked)
+            if seen != truth and getattr(m, "observed", 0) <= revision:
+                self._violation(f"mirror-live: {worker} sees {customer} at (version, locked)="
+                                f"{seen} with its watch caught up at rev {revision}; etcd "
+                                f"holds {truth}")
 
     # -- running ----------------------------------------------------------------------
 
@@ -162,16 +266,29 @@ class World:
         await asyncio.sleep(cfg.provider_timeout + 3.0)  # let commits in flight land
         # Refreshes the settle calls started (a session that expired meanwhile) end
         # before the end state is judged: an in-flight refresh is not "unsettled".
-        idle = [self.spawn(w.name, w.manager.wait_idle()) for w in self.alive()
-                if w.name not in self.loop.paused]
-        if idle:
-            await asyncio.wait(idle, timeout=bound)
+        await self._quiesce(bound)
         # A lagging watch still owes events sent before the faults ended: the
         # mirrors may only be compared once the model has delivered them.
         owed = max((w.last_at for w in self.etcd.watchers), default=0.0)
         await asyncio.sleep(max(0.0, owed - self.loop.time()) + 0.1)
         checks = [self.spawn(w.name, self._converged(w)) for w in self.alive()]
         await asyncio.wait(checks, timeout=30.0)
+
+    async def _quiesce(self, bound: float) -> None:
+        """Wait for the workers' refreshes in flight, and for the background settles
+        they scheduled (an indeterminate outcome is settled once its grace passed,
+        even if no caller asks again), with the refreshes those start."""
+        for _ in range(3):
+            idle = [self.spawn(w.name, w.manager.wait_idle()) for w in self.alive()
+                    if w.name not in self.loop.paused]
+            if idle:
+                await asyncio.wait(idle, timeout=bound)
+            due = [t.when() for w in self.alive()
+                   for t in getattr(w.manager, "_settlers", ()) if not t.cancelled()]
+            due = [when for when in due if when >= self.loop.time()]
+            if not due:
+                return
+            await asyncio.sleep(max(due) - self.loop.time() + 0.01)
 
     async def _converged(self, w: Worker) -> None:
         """Once quiet, a worker's view (its watch-fed mirror) must match etcd's."""
@@ -207,6 +324,7 @@ class World:
         self.connected[customer] = True
         if family is not None:
             self.latest_family[customer] = family.family_id
+            self.last_connect[customer] = Connected(self.loop.time(), w.name, family.family_id)
         self.trace(w.name, f"connect {customer} -> family "
                            f"{family.family_id if family else '?'}")
 
@@ -235,10 +353,16 @@ class World:
             token = await self._token(w, customer)
             if token is None:
                 return
-            if not self.endpoint.access_valid(token):
+            if not self.endpoint.api_valid(token):
                 self.trace(w.name, f"api 401 for {customer} with {fingerprint(token)}")
                 creds = await w.manager.refresh(customer, stale=token)
-                self.trace(w.name, f"refresh({customer}) -> {fingerprint(creds.access_token)}")
+                fresh = creds.access_token
+                self.trace(w.name, f"refresh({customer}) -> {fingerprint(fresh)}")
+                if not self.endpoint.api_valid(fresh):
+                    # As sfrtr.client does: a refresh cannot cure a 401 of a fresh session.
+                    self.trace(w.name, f"api 401 for {customer} with the fresh "
+                                       f"{fingerprint(fresh)}")
+                    raise await w.manager.reject_session(customer, fresh, "INVALID_SESSION_ID")
         except SfrtrError as exc:
             self.trace(w.name, f"call {customer}: {type(exc).__name__}: {exc}")
         except Exception as exc:  # anything else is a bug in the code under test
@@ -258,6 +382,19 @@ class World:
         return refresh_at is not None and self.fake.monotonic() < refresh_at
 
     async def _token(self, w: Worker, customer: str) -> str | None:
+        connected = self.last_connect.get(customer)
+        token = await self._token_now(w, customer)
+        if token is not None and connected is not None and connected.worker == w.name and \
+                self.last_connect.get(customer) is connected:
+            found = self.endpoint.access.get(token)
+            if found is not None and found[0].family_id < connected.family:
+                self._violation(
+                    f"stale session: {w.name} token({customer}) -> {fingerprint(token)} of "
+                    f"family {found[0].family_id}, started after its connect() of family "
+                    f"{connected.family} returned at t={connected.at:.3f}")
+        return token
+
+    async def _token_now(self, w: Worker, customer: str) -> str | None:
         if not self._fresh(w, customer):
             token = await w.manager.token(customer)
             self.trace(w.name, f"token({customer}) -> {fingerprint(token)}")
@@ -322,6 +459,8 @@ class World:
             self.etcd.break_watches(f.target, "connection closed")
         elif f.kind == "etcd_down":
             self.etcd.break_watches(None, "UNAVAILABLE")
+        elif f.kind == "partition":
+            self.etcd.break_watches(f.target, "UNAVAILABLE")
         elif f.kind == "watch_break":
             self.etcd.break_watches(f.target, "canceled by the server")
         elif f.kind == "compact":
@@ -339,6 +478,13 @@ class World:
             self.spawn(w.name, self._clear(w, f.target))
 
     async def _disconnect(self, w: Worker, customer: str) -> None:
+        self.operator[customer] = self.operator.get(customer, 0) + 1
+        try:
+            await self._disconnect_reconnect(w, customer)
+        finally:
+            self.operator[customer] -= 1
+
+    async def _disconnect_reconnect(self, w: Worker, customer: str) -> None:
         self.connected[customer] = False
         try:
             await w.manager.disconnect(customer)
@@ -348,6 +494,13 @@ class World:
         await self._connect(w, customer)
 
     async def _clear(self, w: Worker, customer: str) -> None:
+        self.operator[customer] = self.operator.get(customer, 0) + 1
+        try:
+            await self._clear_reconnect(w, customer)
+        finally:
+            self.operator[customer] -= 1
+
+    async def _clear_reconnect(self, w: Worker, customer: str) -> None:
         try:
             cleared = await admin.clear(w.store, customer)
         except SfrtrError as exc:
