@@ -53,37 +53,18 @@ asyncio.run(main())
 """
 
 
-async def fill(endpoint: str, namespace: str, customers: int) -> None:
-    from sfrtr.store.etcd import EtcdStore, _encode
-    from sfrtr.store.etcd_client import EtcdSettings, put
-    from tests.test_etcd_scale import TXN_OPS, record
-
-    writer = EtcdStore(EtcdSettings(endpoints=[endpoint]), namespace=namespace)
-    await writer.client.connect()
-    batch = []
-    for i in range(customers):
-        # Fresh expiry: the first token() is served from the loaded record.
-        batch.append(put(writer._tok(f"customer-{i:07d}"),
-                         _encode(record(i).replace(expires_at=time.time() + 7200))))
-        if len(batch) == TXN_OPS:
-            await writer.client.txn([], batch)
-            batch = []
-    if batch:
-        await writer.client.txn([], batch)
-    await writer.client.close()
-
-
 def run(sizes: list[int]) -> list[dict[str, Any]]:
     from sfrtr.store.etcd_launcher import LocalEtcd
+    from tests.test_etcd_scale import fill
 
     rows = []
     for size in sizes:
         with LocalEtcd() as etcd:
             filled = time.perf_counter()
-            asyncio.run(fill(etcd.endpoint, "bench", size))
+            asyncio.run(fill(etcd.endpoint, "bench", size))  # fresh expiry: no refresh
             fill_s = time.perf_counter() - filled
             out = subprocess.run(
-                [sys.executable, "-c", _CHILD, etcd.endpoint, "bench", f"customer-{size - 1:07d}"],
+                [sys.executable, "-c", _CHILD, etcd.endpoint, "bench", f"customer-{size - 1:06d}"],
                 capture_output=True, text=True, check=True, cwd=os.getcwd(), timeout=600)
             child = orjson.loads(out.stdout.strip().splitlines()[-1])
         rows.append({"customers": size, "fill_s": round(fill_s, 1),

@@ -35,11 +35,12 @@ def record(i: int) -> TokenRecord:
         grant_id=f"g{i}")
 
 
-async def fill(endpoint: str, namespace: str) -> None:
+async def fill(endpoint: str, namespace: str, customers: int = CUSTOMERS) -> None:
+    """Write ``customer-NNNNNN`` records straight into etcd, 128 puts per Txn."""
     writer = EtcdStore(EtcdSettings(endpoints=[endpoint]), namespace=namespace)
     await writer.client.connect()
     batch = []
-    for i in range(CUSTOMERS):
+    for i in range(customers):
         batch.append(put(writer._tok(f"customer-{i:06d}"), _encode(record(i))))
         if len(batch) == TXN_OPS:
             await writer.client.txn([], batch)

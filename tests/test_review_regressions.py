@@ -14,6 +14,8 @@ import asyncio
 import random
 from typing import Any
 
+import pytest
+
 from sfrtr import admin
 from sfrtr.admin import RefusedToClear
 from sfrtr.errors import StoreError
@@ -284,32 +286,14 @@ def test_a_recovery_never_presents_under_a_lease_that_is_not_its_locks():
     assert broken(violations) == []
 
 
-def test_a_recovery_not_sent_puts_back_the_record_it_replaced():
-    """s7: NOT_SENT released the indeterminate record as valid; a later ordinary
-    refresh presented the rotated token outside the window."""
-    _, _, violations = run_script(config(recovery="reuse_window", reuse_window=25.0),
-                                  _s7_notsent_recover)
-    assert broken(violations) == []
-
-
-def test_the_reuse_window_counts_from_the_first_presentation():
-    """s1: a recovering worker timed the window from its own re-presentation."""
-    _, _, violations = run_script(config(recovery="reuse_window", reuse_window=25.0),
-                                  _s1_reuse_window)
-    assert broken(violations) == []
-
-
-def test_a_late_read_answer_does_not_skew_the_window():
-    """s5: an answer read 20 s late made the provider's clock look 20 s slow."""
-    _, _, violations = run_script(config(recovery="reuse_window", reuse_window=25.0),
-                                  _s5_skew)
-    assert broken(violations) == []
-
-
-def test_the_reuse_window_is_checked_after_the_queue():
-    """s6: the window was judged before the OAuth concurrency queue."""
-    _, _, violations = run_script(config(recovery="reuse_window", reuse_window=25.0),
-                                  _s6_window_queue)
+@pytest.mark.parametrize("script", [
+    _s7_notsent_recover,  # NOT_SENT released the indeterminate record as valid
+    _s1_reuse_window,  # the window was timed from a recovery's own re-presentation
+    _s5_skew,  # an answer read 20 s late made the provider's clock look 20 s slow
+    _s6_window_queue,  # the window was judged before the OAuth concurrency queue
+], ids=["not-sent-recovery", "first-presentation", "late-read-skew", "after-the-queue"])
+def test_reuse_window_recovery_never_presents_outside_the_window(script: Any):
+    _, _, violations = run_script(config(recovery="reuse_window", reuse_window=25.0), script)
     assert broken(violations) == []
 
 
