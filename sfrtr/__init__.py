@@ -43,6 +43,7 @@ from sfrtr.errors import (
     StoreError,
     TokenEndpointUnavailable,
 )
+from sfrtr.loop_stall import LoopStallMonitor
 from sfrtr.manager import Credentials, ManagerStats, TokenManager
 from sfrtr.oauth import (
     InstanceUrlPolicy,
@@ -95,6 +96,7 @@ __all__ = [
     "InvalidTokenResponse",
     "LeaseLost",
     "LimitInfo",
+    "LoopStallMonitor",
     "MalformedQuery",
     "ManagerStats",
     "MemoryStore",
