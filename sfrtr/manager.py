@@ -27,6 +27,7 @@ from sfrtr.errors import (
     GrantSuspended,
     InvalidTokenResponse,
     LeaseLost,
+    NotConnected,
     OAuthError,
     ReauthorizationRequired,
     RefreshIndeterminate,
@@ -171,6 +172,7 @@ class TokenManager:
         self._background: set[asyncio.Task[object]] = set()
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._settlers: set[asyncio.TimerHandle] = set()
+        self._unsettled: set[str] = set()
         self.store.subscribe(self._on_store_change)
 
     def _check_timing(self) -> None:
@@ -263,6 +265,8 @@ class TokenManager:
         self._settlers = {t for t in self._settlers if not t.cancelled() and
                           t.when() > asyncio.get_running_loop().time()}
         if self._flights.in_flight(customer):
+            if customer in self._unsettled:  # that flight may fail: look again later
+                self._settle_later(customer, _STORE_RETRY_DELAY)
             return
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
             self._fly(customer, None))
@@ -271,9 +275,23 @@ class TokenManager:
 
     def _background_done(self, customer: str, task: asyncio.Task[object]) -> None:
         self._background.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
             log.warning("background refresh of %s failed: %s", customer, exc)
             self._retry_unstored(customer)
+        if customer in self._unsettled:
+            if exc is None or isinstance(exc, ReauthorizationRequired | NotConnected |
+                                          GrantSuspended | SessionRefused):
+                self._unsettled.discard(customer)  # settled, one way or the other
+            else:  # the store or the provider failed: try again until it settles
+                self._settle_later(customer, _STORE_RETRY_DELAY)
+
+    def _settle_later(self, customer: str, delay: float) -> None:
+        """Drive an unknown outcome this worker left to its end, even if no caller
+        comes back for the customer (every cache may still hold a fresh token)."""
+        self._unsettled.add(customer)
+        self._settlers.add(asyncio.get_running_loop().call_later(
+            delay, self._refresh_in_background, customer))
 
     def _retry_unstored(self, customer: str) -> None:
         """After a failure, own unfinished business is retried in the background until
@@ -750,9 +768,7 @@ class TokenManager:
         await self._commit(customer, section, record)
         # Settle it even if no caller comes back for it (every cache may still hold a
         # fresh access token): a background flight once the grace has passed.
-        self._settlers.add(asyncio.get_running_loop().call_later(
-            self._grace(orphan=False, intent=section.intent) + 1.0,
-            self._refresh_in_background, customer))
+        self._settle_later(customer, self._grace(orphan=False, intent=section.intent) + 1.0)
 
     async def _recover(self, customer: str, section: _Section,
                        orphan: TokenRecord) -> _Entry | None:
@@ -765,9 +781,14 @@ class TokenManager:
         worker = orphan.intent.worker if orphan.intent else "unknown"
         lost = (f"a refresh by worker {worker} was interrupted and the refresh token was "
                 "rotated: its successor is lost")
+        # An indeterminate record's reason says what was unknown; any other reason
+        # a record carries (a refused session's, say) says nothing about this loss.
+        unknown = orphan.reason if orphan.status is Status.INDETERMINATE and orphan.reason \
+            else f"a refresh by worker {worker} was interrupted; the rotated refresh " \
+            "token may be lost"
         mode = self.policy.recovery
         if mode == "fail_closed":
-            return await self._mark_dead(customer, section, orphan.reason or lost,
+            return await self._mark_dead(customer, section, unknown,
                                          RefreshIndeterminate)
         window_end = self._reuse_window_end(customer, orphan) if mode == "reuse_window" \
             else None
@@ -783,7 +804,7 @@ class TokenManager:
             info = await self.oauth.introspect(section.held.refresh_token)
         except SfrtrError as exc:
             # Unknown is not inactive: never redeem, never declare it dead.
-            await self._leave_indeterminate(customer, section, orphan.reason or lost)
+            await self._leave_indeterminate(customer, section, unknown)
             raise TokenEndpointUnavailable(
                 f"cannot settle an interrupted refresh for {customer!r} yet "
                 f"({type(exc).__name__}); will retry") from None
