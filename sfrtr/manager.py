@@ -173,6 +173,8 @@ class TokenManager:
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._settlers: set[asyncio.TimerHandle] = set()
         self._unsettled: set[str] = set()
+        self._holds: dict[str, tuple[float, float]] = {}
+        """Customer -> (the record's refresh_after, local monotonic end of its backoff)."""
         self.store.subscribe(self._on_store_change)
 
     def _check_timing(self) -> None:
@@ -249,7 +251,8 @@ class TokenManager:
                 current.record.access_token.reveal() == access_token:
             with contextlib.suppress(StoreError):
                 await self.store.commit(customer, current.version,
-                                        protocol.refused_record(current.record, reason, until))
+                                        protocol.refused_record(current.record, reason, until,
+                                                               self.policy.refused_backoff))
         log.warning("customer %s: a refreshed session was refused (%s); no refresh for %.0fs",
                     customer, reason, self.policy.refused_backoff)
         return SessionRefused(customer, reason, until)
@@ -410,7 +413,8 @@ class TokenManager:
             if section is not None:
                 own.append(section.intent.id)
             step = protocol.plan(customer, current, stale=stale, now=self._provider_now(),
-                                 margin=self.policy.refresh_margin, own_intents=own)
+                                 margin=self.policy.refresh_margin, own_intents=own,
+                                 held_back=self._held_back(customer, current))
             if section is not None and not isinstance(step, protocol.Reclaim):
                 # Our unfinished section's intent is gone from the store: someone
                 # moved on. Tokens we still hold go to rescue; nothing else to do.
@@ -441,6 +445,21 @@ class TokenManager:
             entry = await self._run_section(customer, step, current)
             if entry is not None:
                 return entry
+
+    def _held_back(self, customer: str, current: Versioned | None) -> bool:
+        """Whether a backoff written into the record still runs by this worker's own
+        monotonic clock, counted from when it first saw it. ``refresh_after`` is on
+        the provider's clock as its writer measured it; a worker whose clock is off
+        (and has had no answer to measure it by) must not cut the backoff short."""
+        if current is None or not current.record.refresh_after:
+            self._holds.pop(customer, None)
+            return False
+        after = current.record.refresh_after
+        hold = self._holds.get(customer)
+        if hold is None or hold[0] != after:
+            hold = (after, _monotonic() + current.record.backoff)
+            self._holds[customer] = hold
+        return _monotonic() < hold[1]
 
     def _pending_intents(self, customer: str, current: Versioned | None) -> list[str]:
         """Ids of our acquires whose answers were lost and that may still show up;
@@ -651,7 +670,8 @@ class TokenManager:
             until = self._provider_now() + self.policy.refused_backoff
             reason = (f"a refresh answer was refused ({outcome.description}); its new refresh "
                       "token was kept: fix the configuration, no re-authorization is needed")
-            record = protocol.suspended_record(held, outcome.salvaged, reason, until)
+            record = protocol.suspended_record(held, outcome.salvaged, reason, until,
+                                               self.policy.refused_backoff)
             section.result = record
             await self._store_new(customer, section, record)
             raise GrantSuspended(customer, reason, until)
@@ -734,7 +754,8 @@ class TokenManager:
             if info is not None and info.active:
                 until = self._provider_now() + self.policy.refused_backoff
                 await self._commit(customer, section, protocol.held_back_record(
-                    section.held, f"refresh refused, token still active: {reason}", until))
+                    section.held, f"refresh refused, token still active: {reason}", until,
+                    self.policy.refused_backoff))
                 raise GrantSuspended(customer, reason, until)
         return await self._mark_dead(customer, section, reason, ReauthorizationRequired)
 

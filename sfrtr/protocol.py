@@ -88,7 +88,7 @@ def needs_refresh(record: TokenRecord, now: float, margin: float) -> bool:
 
 
 def plan(customer: str, current: Versioned | None, *, stale: str | None, now: float,
-         margin: float, own_intents: Collection[str] = ()) -> Step:
+         margin: float, own_intents: Collection[str] = (), held_back: bool = False) -> Step:
     """What to do next, given the store's current state.
 
     ``stale`` is the access token that just got a 401 (``None`` when the
@@ -97,6 +97,8 @@ def plan(customer: str, current: Versioned | None, *, stale: str | None, now: fl
     estimated expiry says, unless a refresh already proved unable to cure it
     (``refresh_after``). ``now`` is on the provider's clock. ``own_intents``
     are the ids of this worker's unfinished acquisitions for the customer.
+    ``held_back``: this worker's own view that the record's backoff still runs
+    (clocks disagree; either one saying "not yet" is enough).
     """
     if current is None:
         return Fail(NotConnected(customer))
@@ -115,11 +117,11 @@ def plan(customer: str, current: Versioned | None, *, stale: str | None, now: fl
     if record.status is Status.INDETERMINATE:
         return Recover(current.version, orphan=False)
     if record.status is Status.SUSPENDED:
-        if now < record.refresh_after:
+        if now < record.refresh_after or held_back:
             return Fail(GrantSuspended(customer, record.reason, record.refresh_after))
         return Redeem(current.version)
     failed = stale is not None and record.access_token.reveal() == stale
-    if failed and now < record.refresh_after:
+    if failed and (now < record.refresh_after or held_back):
         return Fail(SessionRefused(customer, record.reason, record.refresh_after))
     if not failed and not needs_refresh(record, now, margin):
         return Use(record, current.version)
@@ -149,24 +151,26 @@ def refreshed_record(held: TokenRecord, grant: TokenGrant, *, lifetime: float) -
 
 
 def suspended_record(held: TokenRecord, refresh_token: Secret, reason: str,
-                     until: float) -> TokenRecord:
+                     until: float, backoff: float = 0.0) -> TokenRecord:
     """After a 2xx answer we refused to use: its new refresh token is kept (the one
     presented is burnt), the access token is not, and no refresh before ``until``."""
     return held.replace(refresh_token=refresh_token, generation=held.generation + 1,
                         status=Status.SUSPENDED, intent=None, reason=reason,
-                        refresh_after=until, expires_at=0.0)
+                        refresh_after=until, backoff=backoff, expires_at=0.0)
 
 
-def held_back_record(held: TokenRecord, reason: str, until: float) -> TokenRecord:
+def held_back_record(held: TokenRecord, reason: str, until: float,
+                     backoff: float = 0.0) -> TokenRecord:
     """A grant whose refresh the provider refused although its token is still active
     (IP restrictions, login hours, a locked user): kept, unused until ``until``."""
     return held.replace(status=Status.SUSPENDED, intent=None, reason=reason,
-                        refresh_after=until, expires_at=0.0)
+                        refresh_after=until, backoff=backoff, expires_at=0.0)
 
 
-def refused_record(held: TokenRecord, reason: str, until: float) -> TokenRecord:
+def refused_record(held: TokenRecord, reason: str, until: float,
+                   backoff: float = 0.0) -> TokenRecord:
     """A valid record whose freshly refreshed session Salesforce refused anyway."""
-    return held.replace(reason=reason, refresh_after=until)
+    return held.replace(reason=reason, refresh_after=until, backoff=backoff)
 
 
 def dead_record(held: TokenRecord, reason: str) -> TokenRecord:

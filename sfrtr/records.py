@@ -80,6 +80,9 @@ class TokenRecord:
     refresh_after: float = 0.0
     """Provider-clock epoch seconds before which no refresh is tried: set when a refresh
     could not help (a refreshed session refused again, an answer that was not usable)."""
+    backoff: float = 0.0
+    """The length of that backoff, seconds: each worker also holds back this long from
+    when it first sees it, on its own monotonic clock (clocks may disagree)."""
 
     def replace(self, **changes: Any) -> TokenRecord:
         return dataclasses.replace(self, **changes)
@@ -108,6 +111,7 @@ class TokenRecord:
             "reason": self.reason,
             "grant_id": self.grant_id,
             "refresh_after": self.refresh_after,
+            "backoff": self.backoff,
         }
         if self.intent is not None:
             out["intent"] = dataclasses.asdict(self.intent)
@@ -131,6 +135,7 @@ class TokenRecord:
                 reason=_str(data.get("reason", "")),
                 grant_id=_str(data.get("grant_id", "")),
                 refresh_after=float(data.get("refresh_after", 0.0)),
+                backoff=float(data.get("backoff", 0.0)),
                 intent=None if intent is None else Intent(
                     worker=_str(intent["worker"]),
                     refresh_fingerprint=_str(intent["refresh_fingerprint"]),

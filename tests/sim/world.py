@@ -276,15 +276,18 @@ class World:
 
     async def _quiesce(self, bound: float) -> None:
         """Wait for the workers' refreshes in flight, and for the background settles
-        they scheduled (an indeterminate outcome is settled once its grace passed,
-        even if no caller asks again), with the refreshes those start."""
+        and retries they scheduled (an indeterminate outcome is settled once its grace
+        passed, a lost acquire is reclaimed, even if no caller asks again), with the
+        refreshes those start."""
         for _ in range(3):
             idle = [self.spawn(w.name, w.manager.wait_idle()) for w in self.alive()
                     if w.name not in self.loop.paused]
             if idle:
                 await asyncio.wait(idle, timeout=bound)
-            due = [t.when() for w in self.alive()
-                   for t in getattr(w.manager, "_settlers", ()) if not t.cancelled()]
+            managers = [w.manager for w in self.alive()]
+            due = [t.when() for m in managers
+                   for t in (*getattr(m, "_settlers", ()), *getattr(m, "_retries", {}).values())
+                   if not t.cancelled()]
             due = [when for when in due if when >= self.loop.time()]
             if not due:
                 return
