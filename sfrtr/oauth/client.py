@@ -165,23 +165,31 @@ class OAuthClient:
         wakes with both the answer and the expired timer ready). If the
         answer's head arrived, the body gets ``answer_grace`` more seconds.
 
-        ``budget`` is asked after the wait for a slot, right before the request
-        starts, with no await in between: if it gives less than
-        :attr:`OAuthConfig.exchange_limit` seconds, :class:`_NoBudget` is raised
-        and nothing is sent (the caller's lease would not cover the request).
+        ``budget`` is asked after the wait for a slot, inside the task that
+        makes the request, with no await between the check and the exchange's
+        start: if it gives less than :attr:`OAuthConfig.exchange_limit` seconds,
+        :class:`_NoBudget` is raised and nothing is sent (the caller's lease
+        would not cover the request). Checked before the task started, a pause
+        of the process in between (one loop iteration is enough for a GC pause
+        or a SIGSTOP to land) let a request leave long after its lease.
         """
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_concurrent)
         async with self._slots:  # waiting here sends nothing and starts no deadline
-            if budget is not None:
-                left = budget()
-                if left is not None and left < self.config.exchange_limit:
-                    raise _NoBudget(left)
-            return await self._post_now(url, form)
+            return await self._post_now(url, form, budget)
 
-    async def _post_now(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
+    async def _budgeted(self, url: str, form: dict[str, str], answered: asyncio.Event,
+                        budget: Callable[[], float | None] | None) -> tuple[int, bytes]:
+        if budget is not None:
+            left = budget()
+            if left is not None and left < self.config.exchange_limit:
+                raise _NoBudget(left)
+        return await self._exchange(url, form, answered)
+
+    async def _post_now(self, url: str, form: dict[str, str],
+                        budget: Callable[[], float | None] | None = None) -> tuple[int, bytes]:
         answered = asyncio.Event()
-        exchange = asyncio.ensure_future(self._exchange(url, form, answered))
+        exchange = asyncio.ensure_future(self._budgeted(url, form, answered, budget))
         try:
             done, _ = await asyncio.wait({exchange}, timeout=self.config.timeout)
             if not done:
