@@ -507,6 +507,10 @@ class TokenManager:
                     cap: float | None = None) -> None:
         remaining = deadline - _monotonic()
         if remaining <= 0:
+            # Whatever holds the customer up (a slow holder, an orphan whose grace is
+            # not over) is watched from the background until it settles, even if no
+            # caller comes back for it.
+            self._settle_later(customer, _STORE_RETRY_DELAY)
             raise CoordinationTimeout(
                 f"gave up after {self.policy.wait_timeout:.0f}s waiting for the refresh of "
                 f"customer {customer!r} by another worker")

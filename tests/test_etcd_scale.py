@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from sfrtr import Secret, Status, TokenRecord
+from sfrtr import Secret, Status, StoreError, TokenRecord
 from sfrtr.store.etcd import EtcdStore, _encode
 from sfrtr.store.etcd_client import EtcdSettings, put
 from sfrtr.store.etcd_launcher import LocalEtcd
@@ -117,7 +117,14 @@ async def test_resync_after_an_etcd_restart(namespace: str):
         await asyncio.sleep(0.5)
         etcd.start()
         writer = EtcdStore(EtcdSettings(endpoints=[etcd.endpoint]), namespace=namespace)
-        await writer.start()
+        for attempt in range(50):  # a restarted etcd answers /health before it has a
+            try:                   # leader: its first calls can fail UNAVAILABLE
+                await writer.start()
+                break
+            except StoreError:
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.2)
         try:
             await writer.put("customer-000001", record(1).replace(generation=9))
             for _ in range(300):  # the watch comes back, resyncs, and sees the write
