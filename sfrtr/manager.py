@@ -265,8 +265,6 @@ class TokenManager:
         return await self._fly(customer, None)
 
     def _refresh_in_background(self, customer: str) -> None:
-        self._settlers = {t for t in self._settlers if not t.cancelled() and
-                          t.when() > asyncio.get_running_loop().time()}
         if self._flights.in_flight(customer):
             if customer in self._unsettled:  # that flight may fail: look again later
                 self._settle_later(customer, _STORE_RETRY_DELAY)
@@ -293,8 +291,10 @@ class TokenManager:
         """Drive an unknown outcome this worker left to its end, even if no caller
         comes back for the customer (every cache may still hold a fresh token)."""
         self._unsettled.add(customer)
-        self._settlers.add(asyncio.get_running_loop().call_later(
-            delay, self._refresh_in_background, customer))
+        loop = asyncio.get_running_loop()
+        # Only pending timers are kept (aclose cancels them): the set stays small.
+        self._settlers = {t for t in self._settlers if t.when() > loop.time()}
+        self._settlers.add(loop.call_later(delay, self._refresh_in_background, customer))
 
     def _retry_unstored(self, customer: str) -> None:
         """After a failure, own unfinished business is retried in the background until
