@@ -187,6 +187,69 @@ class KeepAlive:
         self._call.cancel()
 
 
+class WatchStream:
+    """Many watchers on one Watch stream, named by ids the caller chooses.
+
+    :meth:`add` and :meth:`remove` only send; :meth:`read` yields each
+    watcher's events as ``(watch_id, batch)``. A watcher whose history was
+    compacted away yields one ``compacted`` batch and is gone (etcd cancels it);
+    a broken stream raises :class:`StreamBroken` from any call, and every
+    watcher on it is gone with it.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._write_lock = asyncio.Lock()  # grpc.aio allows one pending write per stream
+
+    async def _send(self, request: Any) -> None:
+        async with self._write_lock:
+            try:
+                await self._call.write(request)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError,
+                    asyncio.InvalidStateError) as exc:
+                raise StreamBroken(f"etcd watch broke: {type(exc).__name__}") from None
+
+    async def add(self, watch_id: int, key: bytes, range_end: bytes,
+                  start_revision: int) -> None:
+        """Watch ``[key, range_end)`` (``range_end`` empty: ``key`` alone) from
+        ``start_revision`` on, as ``watch_id`` (which must not be in use)."""
+        await self._send(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=key, range_end=range_end, start_revision=start_revision,
+            watch_id=watch_id)))
+
+    async def remove(self, watch_id: int) -> None:
+        await self._send(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(
+            watch_id=watch_id)))
+
+    async def read(self) -> tuple[int, WatchBatch]:
+        """The next watcher's events (created and cancelled replies are skipped)."""
+        while True:
+            try:
+                reply = await self._call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise StreamBroken(f"etcd watch broke: {exc.code().name}") from None
+            except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                raise StreamBroken(f"etcd watch broke: {type(exc).__name__}") from None
+            if reply is grpc.aio.EOF:
+                raise StreamBroken("etcd watch stream ended")
+            if reply.compact_revision:
+                return reply.watch_id, WatchBatch(reply.compact_revision, compacted=True)
+            if reply.canceled:
+                if reply.cancel_reason:
+                    log.info("etcd cancelled watcher %d: %s", reply.watch_id,
+                             reply.cancel_reason)
+                    return reply.watch_id, WatchBatch(reply.header.revision, compacted=True)
+                continue  # the answer to our own remove
+            if not reply.events:
+                continue  # created, or a progress notification
+            events = [WatchEvent("delete" if e.type == rpc.Event.DELETE else "put", _kv(e.kv))
+                      for e in reply.events]
+            return reply.watch_id, WatchBatch(reply.header.revision, events)
+
+    def close(self) -> None:
+        self._call.cancel()
+
+
 class EtcdClient:
     """Unary KV and lease calls, a keepalive stream and watch streams."""
 
@@ -344,6 +407,12 @@ class EtcdClient:
         return KeepAlive(self, self._lease.LeaseKeepAlive(metadata=self._metadata))
 
     # -- watch ---------------------------------------------------------------
+
+    async def watch_stream(self) -> WatchStream:
+        """One Watch stream carrying many watchers (the per-customer mirror's)."""
+        await self.connect()
+        return WatchStream(self._watch.Watch(metadata=self._metadata))
+
 
     async def watch_prefix(self, prefix: bytes, start_revision: int
                            ) -> AsyncIterator[WatchBatch]:
