@@ -35,6 +35,7 @@ from sfrtr.errors import LeaseLost, StoreError
 from sfrtr.store.etcd_client import (
     KV,
     EtcdClient,
+    StreamBroken,
     TxnResult,
     WatchBatch,
     WatchEvent,
@@ -51,7 +52,7 @@ _TARGET_FIELD = {rpc.Compare.MOD: "mod_revision", rpc.Compare.CREATE: "create_re
 ADAPTER_YIELDS_CREATED = "created" not in inspect.getsource(EtcdClient.watch_prefix)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Key:
     value: bytes
     create_revision: int
@@ -129,6 +130,220 @@ class _Watcher:
                 await self.wakeup
 
 
+@dataclass(eq=False)
+class _StreamWatcher:
+    """One watcher of a multiplexed stream, as the server holds it."""
+
+    stream: ModelWatchStream
+    watch_id: int
+    key: bytes
+    end: bytes
+    """``b""``: the key alone."""
+    start: int
+    removing: bool = False
+    """The client sent its removal (the server may still deliver until it arrives)."""
+
+    def covers(self) -> bytes:
+        """The key, or the prefix, this watcher covers (prefix-shaped ranges only)."""
+        return self.key
+
+
+class ModelWatchStream:
+    """A multiplexed Watch stream, as ``EtcdClient.watch_stream`` returns it.
+
+    :meth:`add` and :meth:`remove` travel one hop and return (they only send).
+    The server creates a watcher a created-reply latency later (0.05-0.55 s,
+    from ``watch_rng``) and then sends the events since its start revision as
+    one catch-up batch at the current revision; later events follow one batch
+    per watcher per revision. The stream delivers in order, each batch no
+    earlier than the worker's watch lag after its commit. A watcher whose start
+    revision is compacted away, or which is still behind a compaction, or which
+    the server cancels, yields one ``compacted`` batch for its id and is gone.
+    A broken stream (etcd down, the worker partitioned or killed) raises
+    :class:`StreamBroken` from every call. Removing a watcher stops its events
+    once the removal reached the server; batches already on their way are
+    still delivered (the client must ignore ids it no longer uses).
+    """
+
+    def __init__(self, client: ModelClient) -> None:
+        self.client = client
+        self.model = client.model
+        self.worker = client.worker
+        self.loop = client.model.loop
+        self.pending: deque[tuple[float, int, WatchBatch]] = deque()
+        self.last_at = 0.0
+        self.broken = ""
+        self.closed = False
+        self.live: dict[int, _StreamWatcher] = {}
+        """Watchers the server created and still holds."""
+        self.creating: dict[int, _StreamWatcher] = {}
+        """Watchers asked for, not yet created by the server."""
+        self.removing: set[int] = set()
+        """Ids whose removal the client sent and the server has not processed."""
+        self._wakeup: asyncio.Future[None] | None = None
+        self.delivered_events = 0
+        self.delivered_batches = 0
+
+    # -- server side (the model's context) ------------------------------------------
+
+    def push(self, at: float, watch_id: int, batch: WatchBatch) -> None:
+        at = max(at, self.last_at)  # a stream delivers in order
+        self.last_at = at
+        self.pending.append((at, watch_id, batch))
+        self._wake()
+
+    def _wake(self) -> None:
+        # (close() may come from a killed worker's coroutine collected after the run.)
+        if self._wakeup is not None and not self._wakeup.done() and not self.loop.is_closed():
+            self._wakeup.set_result(None)
+
+    def break_(self, why: str) -> None:
+        if not self.broken:
+            self.broken = why
+        self._drop_all()
+        self._wake()
+
+    def _drop_all(self) -> None:
+        for sw in self.live.values():
+            self.model._unindex(sw)
+        self.live.clear()
+        self.creating.clear()
+        if self in self.model.streams:
+            self.model.streams.remove(self)
+
+    def cancel(self, sw: _StreamWatcher, why: str) -> None:
+        if self.live.get(sw.watch_id) is not sw:
+            return
+        del self.live[sw.watch_id]
+        self.model._unindex(sw)
+        now = self.loop.time()
+        self.model.trace(self.worker, f"etcd: watcher {sw.watch_id} cancelled ({why})")
+        self.push(now + self.model.faults.lag(self.worker, now), sw.watch_id,
+                  WatchBatch(self.model.revision, compacted=True))
+
+    def compacted(self, revision: int) -> None:
+        """Watchers with undelivered events at or below ``revision`` are cancelled."""
+        behind = {wid for _, wid, b in self.pending if b.events and b.revision <= revision}
+        if not behind:
+            return
+        self.pending = deque(item for item in self.pending if item[1] not in behind)
+        now = self.loop.time()
+        for wid in sorted(behind):
+            sw = self.live.pop(wid, None)
+            if sw is not None:
+                self.model._unindex(sw)
+            self.push(now + self.model.faults.lag(self.worker, now), wid,
+                      WatchBatch(self.model.compact_revision, compacted=True))
+
+    def _create(self, sw: _StreamWatcher) -> None:
+        if self.creating.get(sw.watch_id) is not sw or self.broken or self.closed:
+            return
+        del self.creating[sw.watch_id]
+        model = self.model
+        now = self.loop.time()
+        at = now + model.faults.lag(self.worker, now)
+        if sw.watch_id in self.live:
+            error = (f"{self.worker} added watch id {sw.watch_id} while it was in use "
+                     f"(etcd refuses it: duplicate watch ID)")
+            model.stream_errors.append(error)
+            model.trace(self.worker, f"etcd: {error}")
+            self.push(at, sw.watch_id, WatchBatch(model.revision, compacted=True))
+            return
+        if 0 < sw.start <= model.compact_revision:
+            self.push(at, sw.watch_id, WatchBatch(model.compact_revision, compacted=True))
+            return
+        if sw.start:
+            past = model.events_since(sw.key, sw.end, sw.start)
+            if past:  # catch-up: one answer at the current revision, as etcd sends it
+                self.push(at, sw.watch_id, WatchBatch(model.revision, past))
+        self.live[sw.watch_id] = sw
+        model._index(sw)
+
+    def _remove(self, watch_id: int) -> None:
+        self.removing.discard(watch_id)
+        self.creating.pop(watch_id, None)
+        sw = self.live.pop(watch_id, None)
+        if sw is not None:
+            self.model._unindex(sw)
+
+    # -- client side (the worker's context) ------------------------------------------
+
+    def _check(self) -> None:
+        if self.broken:
+            raise StreamBroken(f"etcd watch broke: {self.broken}")
+        if self.closed:
+            raise StreamBroken("etcd watch stream closed")
+
+    async def add(self, watch_id: int, key: bytes, range_end: bytes,
+                  start_revision: int) -> None:
+        self._check()
+        await self.client.travel()
+        self._check()
+        model = self.model
+        if self.client.unreachable(self.loop.time()):
+            self.break_("UNAVAILABLE")
+            self._check()
+        sw = _StreamWatcher(self, watch_id, key, range_end, start_revision)
+        self.creating[watch_id] = sw
+        delay = 0.05 + model.watch_rng.random() * 0.5  # the server, then the created reply
+        self.loop.call_at(self.loop.time() + delay, self._create, sw, context=model._ctx)
+
+    async def remove(self, watch_id: int) -> None:
+        self._check()
+        self.removing.add(watch_id)
+        for table in (self.live, self.creating):
+            if watch_id in table:
+                table[watch_id].removing = True
+        await self.client.travel()
+        self._check()
+        if self.client.unreachable(self.loop.time()):
+            self.break_("UNAVAILABLE")
+            self._check()
+        self._remove(watch_id)
+
+    async def read(self) -> tuple[int, WatchBatch]:
+        while True:
+            self._check()
+            now = self.loop.time()
+            self._wakeup = self.loop.create_future()
+            if self.pending:
+                at, watch_id, batch = self.pending[0]
+                if at <= now:
+                    self.pending.popleft()
+                    self.delivered_batches += 1
+                    self.delivered_events += len(batch.events)
+                    self.client.watch_events += len(batch.events)
+                    self.client.watch_batches += 1
+                    if not self.pending and self.model.on_stream_caught_up is not None:
+                        self.loop.call_soon(self._caught_up)
+                    return watch_id, batch
+                timer = self.loop.call_at(at, self._wake)
+                try:
+                    await self._wakeup
+                finally:
+                    timer.cancel()
+            else:
+                await self._wakeup
+
+    def _caught_up(self) -> None:
+        hook = self.model.on_stream_caught_up
+        if hook is not None and not self.pending and not self.broken and not self.closed:
+            hook(self.worker, self)
+
+    def settled_keys(self) -> tuple[set[bytes], set[bytes]]:
+        """What the live watchers cover, and what a watcher being created or removed
+        covers (``(settled, unsettled)``, keys and prefixes as the watchers name them)."""
+        unsettled = {sw.key for sw in self.creating.values()}
+        unsettled |= {sw.key for sw in self.live.values() if sw.removing}
+        settled = {sw.key for sw in self.live.values() if not sw.removing}
+        return settled, unsettled
+
+    def close(self) -> None:
+        self.closed = True
+        self._drop_all()
+        self._wake()
+
+
 class EtcdModel:
     """The cluster: one keyspace, shared by every worker's client."""
 
@@ -154,6 +369,26 @@ class EtcdModel:
         """lease -> the worker that granted it."""
         self._next_lease = 0x7A00
         self.watchers: list[_Watcher] = []
+        """Prefix watches (``watch_prefix``), one stream each."""
+        self.streams: list[ModelWatchStream] = []
+        """Multiplexed watch streams (``watch_stream``) still open."""
+        self._by_key: dict[bytes, list[_StreamWatcher]] = {}
+        self._by_prefix: dict[bytes, list[_StreamWatcher]] = {}
+        self._ranged: list[_StreamWatcher] = []
+        """Stream watchers, indexed: one key, a prefix (``[p, prefix_end(p))``), other ranges."""
+        self.on_stream_caught_up: Callable[[str, ModelWatchStream], None] | None = None
+        """Called (soon, in the reader's context) when a stream delivered a batch and
+        has nothing left pending: every event of its live watchers up to the model's
+        revision has then been delivered."""
+        self.stream_errors: list[str] = []
+        """Misuse of a stream by the client (a watch id added twice)."""
+        self.versions: dict[bytes, list[tuple[int, _Key | None]]] = {}
+        """key -> its states since the run began, ``(from revision, state or None)``, the
+        first being its state before its first change: what pinned reads
+        (``range(revision=R)``) and stream catch-ups are answered from. Pruned at
+        compaction as etcd's MVCC store is."""
+        self._ever: list[bytes] = []
+        """Sorted keys of :attr:`versions`."""
         self._ctx = contextvars.Context()  # nobody's: pausing a worker never stops etcd
 
     # -- keyspace ----------------------------------------------------------------
@@ -172,19 +407,105 @@ class EtcdModel:
     def range(self, key: bytes, end: bytes = b"", keys_only: bool = False) -> list[KV]:
         return [self._kv(k, keys_only) for k in self._span(key, end)]
 
+    def fill(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Put many keys at once, each at its own revision, with no watch events and no
+        history: the state a cluster was in before the run (the scale mode's million
+        customers, written without a million Txns)."""
+        for key, value in items:
+            self.revision += 1
+            self.keys[key] = _Key(value, self.revision, self.revision, 1, 0)
+        self._sorted = sorted(self.keys)
+
+    def state_at(self, key: bytes, revision: int) -> _Key | None:
+        """The key as of ``revision`` (not compacted away)."""
+        hist = self.versions.get(key)
+        if hist is None:  # unchanged since the run began (or filled before it)
+            k = self.keys.get(key)
+            return k if k is not None and k.mod_revision <= revision else None
+        found: _Key | None = None
+        for since, state in hist:
+            if since > revision:
+                break
+            found = state
+        return found
+
+    def range_at(self, key: bytes, end: bytes, keys_only: bool, revision: int) -> list[KV]:
+        """A Range pinned to ``revision`` (0: the current one), as etcd answers it."""
+        if revision <= 0 or revision == self.revision:
+            return self.range(key, end, keys_only)
+        if revision > self.revision:
+            raise StoreError("etcd Range failed: OUT_OF_RANGE (future revision)")
+        if revision < self.compact_revision:
+            raise StoreError("etcd Range failed: OUT_OF_RANGE "
+                             "(required revision has been compacted)")
+        if end:
+            lo = bisect.bisect_left(self._ever, key)
+            hi = len(self._ever) if end == b"\0" else bisect.bisect_left(self._ever, end)
+            names = sorted(set(self._span(key, end)) | set(self._ever[lo:hi]))
+        else:
+            names = [key]
+        out = []
+        for k in names:
+            st = self.state_at(k, revision)
+            if st is not None:
+                out.append(KV(k, b"" if keys_only else st.value, st.mod_revision,
+                              st.create_revision, st.lease))
+        return out
+
+    def _history_of(self, key: bytes) -> list[tuple[int, _Key | None]]:
+        hist = self.versions.get(key)
+        if hist is None:
+            old = self.keys.get(key)
+            prior = None if old is None else _Key(old.value, old.create_revision,
+                                                  old.mod_revision, old.version, old.lease)
+            hist = self.versions[key] = [(0 if old is None else old.mod_revision, prior)]
+            bisect.insort(self._ever, key)
+        return hist
+
+    def events_since(self, key: bytes, end: bytes, start: int) -> list[WatchEvent]:
+        """The events of ``[key, end)`` at revisions >= ``start``, in revision order
+        (from the per-key states, so a catch-up costs the keys it covers)."""
+        if end:
+            lo = bisect.bisect_left(self._ever, key)
+            hi = len(self._ever) if end == b"\0" else bisect.bisect_left(self._ever, end)
+            names = self._ever[lo:hi]
+        else:
+            names = [key] if key in self.versions else []
+        found: list[tuple[int, int, WatchEvent]] = []
+        for n, k in enumerate(names):
+            hist = self.versions[k]
+            for i in range(1, len(hist)):
+                rev, st = hist[i]
+                if rev < start:
+                    continue
+                if st is not None:
+                    kv = KV(k, st.value, st.mod_revision, st.create_revision, st.lease)
+                    found.append((rev, n, WatchEvent("put", kv)))
+                else:
+                    before = hist[i - 1][1]
+                    create = before.create_revision if before is not None else 0
+                    found.append((rev, n, WatchEvent("delete", KV(k, b"", rev, create, 0))))
+        found.sort(key=lambda item: (item[0], item[1]))
+        return [e for _, _, e in found]
+
     def _put(self, key: bytes, value: bytes, lease: int, rev: int,
              events: list[WatchEvent]) -> None:
+        hist = self._history_of(key)
         old = self.keys.get(key)
         if old is None:
             bisect.insort(self._sorted, key)
-            self.keys[key] = _Key(value, rev, rev, 1, lease)
+            new = self.keys[key] = _Key(value, rev, rev, 1, lease)
         else:
             old.value, old.mod_revision, old.version, old.lease = \
                 value, rev, old.version + 1, lease
+            new = old
+        hist.append((rev, _Key(new.value, new.create_revision, new.mod_revision,
+                               new.version, new.lease)))
         events.append(WatchEvent("put", self._kv(key)))
 
     def _delete(self, key: bytes, end: bytes, rev: int, events: list[WatchEvent]) -> None:
         for k in self._span(key, end):
+            self._history_of(k).append((rev, None))
             old = self.keys.pop(k)
             self._sorted.remove(k)
             events.append(WatchEvent("delete", KV(k, b"", rev, old.create_revision, 0)))
@@ -245,6 +566,41 @@ class EtcdModel:
             mine = [e for e in events if w.prefix <= e.kv.key < w.end]
             if mine and not w.broken:
                 w.push(now + self.faults.lag(w.worker, now), WatchBatch(rev, mine))
+        if self._by_key or self._by_prefix or self._ranged:
+            hits: dict[_StreamWatcher, list[WatchEvent]] = {}
+            for e in events:
+                for sw in self._stream_watchers_of(e.kv.key):
+                    hits.setdefault(sw, []).append(e)
+            for sw, mine in hits.items():
+                st = sw.stream
+                st.push(now + self.faults.lag(st.worker, now), sw.watch_id, WatchBatch(rev, mine))
+
+    def _stream_watchers_of(self, key: bytes) -> list[_StreamWatcher]:
+        found = list(self._by_key.get(key, ()))
+        if self._by_prefix:
+            for i in range(len(key) + 1):
+                found += self._by_prefix.get(key[:i], ())
+        found += [sw for sw in self._ranged if sw.key <= key < sw.end]
+        return found
+
+    def _index(self, sw: _StreamWatcher) -> None:
+        if not sw.end:
+            self._by_key.setdefault(sw.key, []).append(sw)
+        elif sw.end == prefix_end(sw.key) and sw.end != b"\0":
+            self._by_prefix.setdefault(sw.key, []).append(sw)
+        else:
+            self._ranged.append(sw)
+
+    def _unindex(self, sw: _StreamWatcher) -> None:
+        for table in (self._by_key, self._by_prefix):
+            group = table.get(sw.key)
+            if group is not None and sw in group:
+                group.remove(sw)
+                if not group:
+                    del table[sw.key]
+                return
+        if sw in self._ranged:
+            self._ranged.remove(sw)
 
     # -- leases --------------------------------------------------------------------
 
@@ -295,12 +651,21 @@ class EtcdModel:
         with a compacted answer, as etcd does with slow watchers."""
         self.compact_revision = max(self.compact_revision, revision)
         self.history = [(r, e) for r, e in self.history if r > revision]
+        for hist in self.versions.values():
+            # Keep the state as of the compact revision and everything after it.
+            keep = 0
+            while keep + 1 < len(hist) and hist[keep + 1][0] <= revision:
+                keep += 1
+            if keep:
+                del hist[:keep]
         now = self.loop.time()
         for w in self.watchers:
             if any(b.revision <= revision and b.events for _, b in w.pending):
                 w.pending.clear()
                 w.push(now + self.faults.lag(w.worker, now),
                        WatchBatch(self.compact_revision, compacted=True))
+        for st in list(self.streams):
+            st.compacted(revision)
         self.trace(None, f"etcd: compacted at {revision}")
 
     def open_watch(self, worker: str, prefix: bytes, end: bytes, start: int) -> _Watcher:
@@ -329,6 +694,23 @@ class EtcdModel:
             if worker is None or w.worker == worker:
                 w.break_(why)
                 self.watchers.remove(w)
+        for st in list(self.streams):
+            if worker is None or st.worker == worker:
+                st.break_(why)
+
+    def cancel_stream_watchers(self, worker: str, p: float, why: str) -> int:
+        """The server cancels each of ``worker``'s stream watchers with chance ``p``
+        (each yields a ``compacted`` batch, as the adapter reports a cancel with a
+        reason, and is gone); the streams themselves stay up. How many were cancelled."""
+        n = 0
+        for st in self.streams:
+            if st.worker != worker:
+                continue
+            for sw in list(st.live.values()):
+                if self.watch_rng.random() < p:
+                    st.cancel(sw, why)
+                    n += 1
+        return n
 
     # -- inspection for the invariants -------------------------------------------------
 
@@ -397,6 +779,9 @@ class ModelClient:
         self.timeout = timeout
         self.round_trips = 0
         self.keepalive_pings = 0
+        self.watch_events = 0
+        """Watch events delivered to this worker (both kinds of watch)."""
+        self.watch_batches = 0
 
     async def travel(self) -> None:
         """One network hop: a millisecond or so, never zero (a hop always yields)."""
@@ -459,11 +844,16 @@ class ModelClient:
         return old is not None and orjson.loads(old).get("status") in (
             "refreshing", "indeterminate")
 
-    async def range(self, key: bytes, *, prefix: bool = False,
-                    keys_only: bool = False) -> tuple[int, list[KV]]:
+    async def range(self, key: bytes, *, prefix: bool = False, keys_only: bool = False,
+                    revision: int = 0) -> tuple[int, list[KV]]:
+        """A Range, at the current revision or pinned to ``revision`` (answered from
+        the model's per-key states; below the compact revision it fails as etcd's
+        ``required revision has been compacted`` does). The header revision is the
+        current one, as etcd's is."""
         end = prefix_end(key) if prefix else b""
+        model = self.model
         result: tuple[int, list[KV]] = await self._unary(
-            "Range", lambda: (self.model.revision, self.model.range(key, end, keys_only)))
+            "Range", lambda: (model.revision, model.range_at(key, end, keys_only, revision)))
         return result
 
     async def get_pair(self, first: bytes, second: bytes
@@ -475,17 +865,17 @@ class ModelClient:
                               self.model.range(second, b"", False)))
         return result
 
-    async def range_pages(self, prefix: bytes, page_size: int
+    async def range_pages(self, prefix: bytes, page_size: int, *, keys_only: bool = False
                           ) -> AsyncIterator[tuple[int, list[KV]]]:
-        """Paginated load at one revision (the adapter's ``range_pages``): the model
-        keeps no old versions, so the first page takes a snapshot that later pages
-        are served from, one round trip each, failing if compacted past it."""
+        """Paginated load at one revision (the adapter's ``range_pages``): the first
+        page takes a snapshot that later pages are served from, one round trip each,
+        failing if compacted past it (what pinned pages of etcd do)."""
         end = prefix_end(prefix)
         snapshot: list[KV] = []
         revision = 0
 
         def first() -> tuple[int, list[KV]]:
-            return self.model.revision, self.model.range(prefix, end)
+            return self.model.revision, self.model.range(prefix, end, keys_only)
         revision, snapshot = await self._unary("Range", first)
         for i in range(0, max(len(snapshot), 1), max(page_size, 1)):
             if i:
@@ -521,9 +911,20 @@ class ModelClient:
         try:
             while True:
                 batch = await w.next()
+                self.watch_events += len(batch.events)
+                self.watch_batches += 1
                 yield batch
                 if batch.compacted:
                     return
         finally:
             model.close_watch(w)
 
+    async def watch_stream(self) -> ModelWatchStream:
+        """A multiplexed Watch stream (see :class:`ModelWatchStream`). Opening it sends
+        nothing: if etcd is unreachable, its first call fails."""
+        stream = ModelWatchStream(self)
+        if self.unreachable(self.model.loop.time()):
+            stream.broken = "UNAVAILABLE"
+        else:
+            self.model.streams.append(stream)
+        return stream

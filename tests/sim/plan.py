@@ -87,6 +87,11 @@ class Config:
     refused_backoff: float = 300.0
     """``RefreshPolicy.refused_backoff``: shorter than the settle bound, so a suspended
     grant comes back within it."""
+    mirror: str = "namespace"
+    """``EtcdStore(mirror=...)``: ``namespace`` (load and watch the whole namespace) or
+    ``served`` (read each customer on first use, watch its keys, drop it when idle)."""
+    idle_after: float = 600.0
+    """``EtcdStore(idle_after=...)``: a served customer unused this long is dropped."""
 
     def exchange_limit(self) -> float:
         """The client's longest token request, graces included (``OAuthConfig``'s)."""
@@ -246,6 +251,14 @@ def draw_extra_faults(rng: random.Random, config: Config) -> list[Fault]:
     return faults
 
 
+def draw_mirror(rng: random.Random, config: Config) -> Config:
+    """The store's mirror mode, half the plans each; served customers go idle after
+    5-60 s, so they are dropped and served again within one run."""
+    if rng.random() < 0.5:
+        return replace(config, mirror="namespace")
+    return replace(config, mirror="served", idle_after=rng.choice([5.0, 10.0, 20.0, 60.0]))
+
+
 def draw_plan(seed: int) -> Plan:
     rng = random.Random(f"plan:{seed}")
     config = draw_config(rng)
@@ -253,5 +266,7 @@ def draw_plan(seed: int) -> Plan:
     extra = random.Random(f"plan-extra:{seed}")
     config = draw_extra_config(extra, config)
     faults += draw_extra_faults(extra, config)
+    # A stream of its own: the plans above, and the regression seeds, stay as they were.
+    config = draw_mirror(random.Random(f"plan-mirror:{seed}"), config)
     faults.sort(key=lambda f: (f.at, f.kind, f.target))
     return Plan(config, faults)

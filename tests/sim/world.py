@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import random
 import traceback
 from collections.abc import Callable, Coroutine
@@ -37,7 +38,7 @@ from sfrtr.secret import Secret, fingerprint
 from sfrtr.store.etcd import EtcdStore
 
 from .clock import FakeTime, SimLoop, Spin, in_worker
-from .etcd_model import EtcdModel, ModelClient
+from .etcd_model import EtcdModel, ModelClient, ModelWatchStream
 from .plan import Fault, Plan, customer_names, worker_names
 from .token_model import SimOAuthClient, TokenEndpoint
 from .trace import Trace
@@ -102,6 +103,7 @@ class World:
         self.operator: dict[str, int] = {}
         """customer -> disconnects/clears under way (they delete its lock at will)."""
         self.rng = random.Random(f"world:{seed}")
+        self.mirror = self._mirror_options()
         self.workers = [self._worker(i, name)
                         for i, name in enumerate(worker_names(self.cfg.workers))]
         self.stores = {w.name: w.store for w in self.workers}
@@ -110,10 +112,27 @@ class World:
 
     # -- building -------------------------------------------------------------------
 
+    def _mirror_options(self) -> dict[str, Any]:
+        """``mirror=``/``idle_after=`` for the store, if its constructor takes them (the
+        plan draws them either way; a store without them mirrors the namespace)."""
+        params = inspect.signature(EtcdStore).parameters
+        options: dict[str, Any] = {}
+        if "mirror" in params:
+            options["mirror"] = self.cfg.mirror
+        if "idle_after" in params:
+            options["idle_after"] = self.cfg.idle_after
+        effective = options.get("mirror", "namespace")
+        self.trace(None, f"mirror: {effective}"
+                         + (f", idle after {self.cfg.idle_after:.0f}s"
+                            if effective == "served" else "")
+                         + ("" if effective == self.cfg.mirror else
+                            f" (the plan drew {self.cfg.mirror}: this store has no such mode)"))
+        return options
+
     def _worker(self, index: int, name: str) -> Worker:
         cfg = self.cfg
         slots = cfg.max_concurrent[index] if index < len(cfg.max_concurrent) else 64
-        store = EtcdStore(namespace="sim", lease_ttl=cfg.lease_ttl)
+        store = EtcdStore(namespace="sim", lease_ttl=cfg.lease_ttl, **self.mirror)
         client = ModelClient(self.etcd, name)
         store.client = client  # type: ignore[assignment]
         config = OAuthConfig(client_id="3MVGsim", client_secret=Secret(CLIENT_SECRET),
@@ -170,6 +189,7 @@ class World:
             Fault(self.loop.time(), "reauth", customer))
         hooks.rotated = self._pause_rotated
         self.etcd.on_caught_up = self._check_mirror_live
+        self.etcd.on_stream_caught_up = self._check_served_live
 
     def _pause_rotated(self, worker: str, customer: str) -> None:
         """Stop the worker longer than its lease and the recovery grace, if that ends
@@ -217,8 +237,8 @@ class World:
                             f"up to {self.cfg.exchange_limit():.2f}s, plus the lease margin)")
 
     def _check_mirror_live(self, worker: str, revision: int) -> None:
-        """A worker whose watch delivered everything up to the store's revision
-        mirrors every customer it knows as etcd holds it."""
+        """A worker whose namespace watch delivered everything up to the store's
+        revision mirrors every customer it knows as etcd holds it."""
         etcd = self.etcd
         if revision != etcd.revision or worker in self.loop.killed:
             return
@@ -226,14 +246,54 @@ class World:
         if not isinstance(mirror, dict):
             return
         for customer, m in list(mirror.items()):
+            if getattr(m, "observed", 0) > revision:
+                continue  # a direct read or own write newer than the watch: judged later
+            self._compare_entry(worker, customer, m, f"its watch caught up at rev {revision}",
+                                rescues=True)
+
+    def _check_served_live(self, worker: str, stream: ModelWatchStream) -> None:
+        """A worker whose watch stream delivered everything it owes (nothing pending)
+        mirrors, as etcd holds them, the customers it claims to hold whose record and
+        lock keys are watched on that stream by watchers the server created and the
+        worker has not asked to remove (a watcher being created or removed leaves its
+        customer unjudged: the mirror may rightly not follow it yet, or any more)."""
+        if worker in self.loop.killed:
+            return
+        mirror = getattr(self.stores[worker], "_mirror", None)
+        if not isinstance(mirror, dict):
+            return
+        settled, unsettled = stream.settled_keys()
+        for customer, m in list(mirror.items()):
             key = quote(customer, safe="").encode()
-            tok = etcd.keys.get(b"sim/tok/" + key)
-            truth = (tok.mod_revision if tok else 0, b"sim/lock/" + key in etcd.keys)
-            seen = (m.version if m.record is not None else 0, m.locked)
-            if seen != truth and getattr(m, "observed", 0) <= revision:
-                self._violation(f"mirror-live: {worker} sees {customer} at (version, locked)="
-                                f"{seen} with its watch caught up at rev {revision}; etcd "
-                                f"holds {truth}")
+            tok, lock = b"sim/tok/" + key, b"sim/lock/" + key
+            if tok not in settled or lock not in settled or tok in unsettled or \
+                    lock in unsettled:
+                continue
+            rescue = b"sim/rescue/" + key + b"/"
+            self._compare_entry(worker, customer, m,
+                                f"its watch stream caught up at rev {self.etcd.revision}",
+                                rescues=rescue in settled and rescue not in unsettled)
+
+    def _compare_entry(self, worker: str, customer: str, m: Any, when: str,
+                       rescues: bool) -> None:
+        """One mirror entry against etcd: the record's version (0: no record; an entry
+        may hold a version without the body), the lock, and the rescue fences."""
+        etcd = self.etcd
+        key = quote(customer, safe="").encode()
+        tok = etcd.keys.get(b"sim/tok/" + key)
+        truth = (tok.mod_revision if tok else 0, b"sim/lock/" + key in etcd.keys)
+        seen = (getattr(m, "version", 0), bool(getattr(m, "locked", False)))
+        if seen != truth:
+            self._violation(f"mirror-live: {worker} sees {customer} at (version, locked)="
+                            f"{seen} with {when}; etcd holds {truth}")
+        if rescues and hasattr(m, "rescues"):
+            prefix = b"sim/rescue/" + key + b"/"
+            fences = {int(kv.key.rpartition(b"/")[2])
+                      for kv in etcd.range(prefix, prefix[:-1] + b"0", keys_only=True)}
+            held = set(m.rescues or ())
+            if held != fences:
+                self._violation(f"mirror-live: {worker} holds rescue fences {sorted(held)} of "
+                                f"{customer} with {when}; etcd holds {sorted(fences)}")
 
     # -- running ----------------------------------------------------------------------
 
@@ -269,10 +329,13 @@ class World:
         await self._quiesce(bound)
         # A lagging watch still owes events sent before the faults ended: the
         # mirrors may only be compared once the model has delivered them.
-        owed = max((w.last_at for w in self.etcd.watchers), default=0.0)
+        owed = max((w.last_at for w in (*self.etcd.watchers, *self.etcd.streams)),
+                   default=0.0)
         await asyncio.sleep(max(0.0, owed - self.loop.time()) + 0.1)
         checks = [self.spawn(w.name, self._converged(w)) for w in self.alive()]
         await asyncio.wait(checks, timeout=30.0)
+        for error in self.etcd.stream_errors:
+            self._violation(f"watch: {error}")
 
     async def _quiesce(self, bound: float) -> None:
         """Wait for the workers' refreshes in flight, and for the background settles
@@ -465,7 +528,13 @@ class World:
         elif f.kind == "partition":
             self.etcd.break_watches(f.target, "UNAVAILABLE")
         elif f.kind == "watch_break":
-            self.etcd.break_watches(f.target, "canceled by the server")
+            if any(st.worker == f.target for st in self.etcd.streams) and \
+                    self.etcd.watch_rng.random() < 0.5:
+                # A multiplexed stream: the server cancels some of its watchers.
+                n = self.etcd.cancel_stream_watchers(f.target, 0.5, "canceled by the server")
+                self.trace(None, f"etcd: {n} watchers of {f.target} cancelled")
+            else:
+                self.etcd.break_watches(f.target, "canceled by the server")
         elif f.kind == "compact":
             self.etcd.compact(self.etcd.revision)
         elif f.kind == "skew_jump":
