@@ -58,7 +58,7 @@ from sfrtr.policy import RecoveryMode, RefreshPolicy
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
 from sfrtr.secret import Secret, fingerprint
 from sfrtr.singleflight import Singleflight
-from sfrtr.store import MemoryStore, TokenStore
+from sfrtr.store import MemoryStore, SqliteStore, TokenStore
 
 if TYPE_CHECKING:
     from sfrtr.store.etcd import EtcdStore
@@ -122,6 +122,7 @@ __all__ = [
     "SessionRefused",
     "SfrtrError",
     "Singleflight",
+    "SqliteStore",
     "Status",
     "StoreError",
     "TokenEndpointUnavailable",

@@ -2,5 +2,6 @@
 
 from sfrtr.store.base import TokenStore
 from sfrtr.store.memory import MemoryStore
+from sfrtr.store.sqlite import SqliteStore
 
-__all__ = ["MemoryStore", "TokenStore"]
+__all__ = ["MemoryStore", "SqliteStore", "TokenStore"]

@@ -3,18 +3,40 @@
 All operations run on the event loop without awaiting in between, so each one
 is atomic. The lock has no lease: it lives as long as the process, which is
 also how long this store's data lives.
+
+A forked child (gunicorn's workers, ``multiprocessing``) would get a copy of
+the store and refresh on its own, presenting the same refresh tokens as its
+siblings: the naive pattern Salesforce punishes with a revocation. So a store
+created before a ``fork()`` refuses to work in the child.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import weakref
 from collections.abc import Callable
 
+from sfrtr.errors import ConfigurationError
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
+
+_LIVE: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_LIVE):
+        store._forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class MemoryStore:
     def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._forked = False
+        _LIVE.add(self)
         self._records: dict[str, tuple[TokenRecord, int]] = {}
         self._stamps: dict[str, int] = {}
         self._locked: set[str] = set()
@@ -23,7 +45,18 @@ class MemoryStore:
         self._revision = 0
         self._subscribers: list[Callable[[str, Versioned | None], None]] = []
 
+    def _refuse_if_forked(self) -> None:
+        if self._forked:
+            raise ConfigurationError(
+                f"this MemoryStore was created in process {self._pid} and is used in "
+                f"process {os.getpid()}, a fork of it: each process would keep its own copy "
+                "of the tokens and refresh them on its own, presenting the same refresh "
+                "token twice (Salesforce revokes the grant). Several processes need a "
+                "shared store: SqliteStore (one host) or EtcdStore (many hosts), created "
+                "in each process after the fork")
+
     def subscribe(self, callback: Callable[[str, Versioned | None], None]) -> None:
+        self._refuse_if_forked()
         self._subscribers.append(callback)
 
     def _store(self, customer: str, record: TokenRecord, locked: bool) -> Versioned:
@@ -55,14 +88,17 @@ class MemoryStore:
                          stamp=self._stamps[customer], rescued=bool(self._rescues.get(customer)))
 
     async def read(self, customer: str) -> Versioned | None:
+        self._refuse_if_forked()
         return self._view(customer)
 
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
+        self._refuse_if_forked()
         self._rescues.pop(customer, None)  # a new grant: the old one's rescues are moot
         return self._store(customer, record, False)
 
     async def acquire(self, customer: str, expected_version: int,
                       intent: Intent) -> Versioned | None:
+        self._refuse_if_forked()
         found = self._records.get(customer)
         if found is None or found[1] != expected_version or customer in self._locked:
             return None
@@ -70,19 +106,23 @@ class MemoryStore:
                            True)
 
     async def commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
+        self._refuse_if_forked()
         found = self._records.get(customer)
         if found is None or found[1] != fence:
             return None
         return self._store(customer, record, False)
 
     async def save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
+        self._refuse_if_forked()
         self._rescues.setdefault(customer, {})[fence] = record
         self._bump(customer)
 
     async def rescues(self, customer: str) -> list[tuple[int, TokenRecord]]:
+        self._refuse_if_forked()
         return sorted(self._rescues.get(customer, {}).items())
 
     async def drop_rescue(self, customer: str, fence: int) -> None:
+        self._refuse_if_forked()
         entries = self._rescues.get(customer)
         if entries is not None and fence in entries:
             del entries[fence]
@@ -92,6 +132,7 @@ class MemoryStore:
 
     async def wait_for_change(self, customer: str, after: int,
                               timeout: float) -> Versioned | None:
+        self._refuse_if_forked()
         current = self._view(customer)
         if current is None or current.stamp != after:
             return current
@@ -103,6 +144,7 @@ class MemoryStore:
         return self._view(customer)
 
     async def delete(self, customer: str, *, version: int | None = None) -> bool:
+        self._refuse_if_forked()
         found = self._records.get(customer)
         if version is not None and found is not None and found[1] != version:
             return False
@@ -115,6 +157,7 @@ class MemoryStore:
         return True
 
     async def customers(self) -> list[str]:
+        self._refuse_if_forked()
         return list(self._records)
 
     def lease_remaining(self, lease: int | None = None) -> float | None:
