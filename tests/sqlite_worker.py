@@ -1,0 +1,102 @@
+"""A worker process on the SQLite store: ``python -m tests.sqlite_worker ...``.
+
+The SQLite twin of ``tests.etcd_worker`` (same modes, same output: ``READY``,
+``EVENT x``, one final JSON line), reusing its storm, hooked OAuth client and
+stall reporter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import orjson
+
+from sfrtr import (
+    InstanceUrlPolicy,
+    OAuthConfig,
+    RefreshPolicy,
+    Secret,
+    SfrtrError,
+    SqliteStore,
+    TokenManager,
+)
+from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from sfrtr.loop_stall import LoopStallMonitor
+from tests.etcd_worker import HookedOAuth, report_stalls, say, storm
+
+
+def build(args: argparse.Namespace) -> TokenManager:
+    store = SqliteStore(args.db)
+    config = OAuthConfig(client_id=DEFAULT_CLIENT_ID, client_secret=Secret(DEFAULT_CLIENT_SECRET),
+                         login_url=args.login_url,
+                         instance_policy=InstanceUrlPolicy.for_emulator(),
+                         timeout=args.timeout, connect_timeout=min(1.0, args.timeout / 2),
+                         head_grace=0.1, answer_grace=0.4)
+    return TokenManager(HookedOAuth(config, args.mode), store, RefreshPolicy(
+        recovery=args.recovery, recovery_grace=args.grace, lease_margin=0.5,
+        wait_timeout=args.wait_timeout))
+
+
+async def main(args: argparse.Namespace) -> None:
+    if log_dir := os.environ.get("SFRTR_WORKER_LOG_DIR"):  # for debugging fault runs
+        logging.basicConfig(filename=f"{log_dir}/worker-{os.getpid()}.log", level=logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    monitor = LoopStallMonitor()
+    monitor.start()
+    reporter = asyncio.create_task(report_stalls(monitor))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    manager = build(args)
+    store = manager.store
+    assert isinstance(store, SqliteStore)
+    await store.start()
+    say(f"READY holder {store.holder}")
+    ready = time.monotonic()
+    result: dict[str, Any] = {}
+    if args.mode == "storm":
+        result = await storm(manager, args.customers.split(","), args.coroutines, args.duration,
+                             args.pause, stop)
+    else:
+        customer = args.customers.split(",")[0]
+        try:
+            stale = await manager.token(customer)
+            creds = await manager.refresh(customer, stale=stale)
+            result = {"ok": True, "token_changed": creds.access_token != stale}
+        except SfrtrError as exc:
+            result = {"ok": False, "error": type(exc).__name__}
+    result["stats"] = vars(manager.stats)
+    result["redemptions"] = manager.stats.redemptions
+    await manager.aclose()
+    reporter.cancel()
+    monitor.stop()
+    result["max_stall"] = monitor.max_stall
+    result["stalls_over_100ms"] = len(monitor.stalls)
+    result["stalls"] = [(round(t - ready, 2), round(d, 3)) for t, d in monitor.stalls]
+    say(orjson.dumps(result).decode())
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--db", required=True)
+    p.add_argument("--login-url", required=True)
+    p.add_argument("--customers", required=True, help="comma-separated")
+    p.add_argument("--mode", default="storm",
+                   choices=["storm", "refresh", "hold-before-redeem", "hold-after-rotation"])
+    p.add_argument("--coroutines", type=int, default=10)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--pause", type=float, default=0.0, help="seconds between a coroutine's calls")
+    p.add_argument("--timeout", type=float, default=1.2)
+    p.add_argument("--recovery", default="introspect")
+    p.add_argument("--grace", type=float, default=None)
+    p.add_argument("--wait-timeout", type=float, default=60.0)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse()))
