@@ -20,3 +20,12 @@ def test_benchmarks_run_and_write_json():
     assert storm["rows"][0]["redemptions"] == 1
     assert storm["rows"][0]["reuse"] == 0
     assert storm["machine"]["versions"]["sfrtr"]
+
+
+def test_the_stores_benchmark_runs():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.stores", "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(os.path.join(ROOT, "benchmarks", "results", "stores-quick.json")) as f:
+        rows = json.load(f)["rows"]
+    assert {r["store"] for r in rows if r["kind"] == "wake"} == {"memory", "sqlite", "etcd"}

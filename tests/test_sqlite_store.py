@@ -75,6 +75,10 @@ async def connect_all(em: Emulator, db: Path, customers: list[str], **policy: An
 
 async def test_processes_coroutines_customers_and_session_expiries(emulator: Emulator,
                                                                    tmp_path: Path):
+    # The 8 x 200 x 50 also coordinates right here (200 redemptions for 4
+    # expiries, all valid), but on two cores the emulator serving 1,600 coroutines
+    # answers some callers with TokenEndpointUnavailable; this size keeps the test
+    # about the store.
     processes, coroutines, expiries, spacing = 6, 100, 4, 2.5
     customers = [f"cust-{i:02d}" for i in range(30)]
     db = tmp_path / "tokens.db"

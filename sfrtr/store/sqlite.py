@@ -308,7 +308,7 @@ class SqliteStore:
                 return
             if job is not None and job is not _NUDGE:
                 self._execute(*job)
-            if polling and time.monotonic() >= next_poll:
+            if polling and self._conn is not None and time.monotonic() >= next_poll:
                 self._poll()
                 next_poll = time.monotonic() + self.poll_interval
 
