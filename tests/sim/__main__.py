@@ -1,5 +1,8 @@
 """Long simulation runs: ``python -m tests.sim --runs 100000 --jobs 2 [--seed N]``.
 
+``python -m tests.sim --scale [options of tests.sim.scale]`` runs the scale mode
+instead (1,000 workers over 1,000,000 customers; see ``scale.py``).
+
 Each job runs a contiguous block of seeds; failing seeds are shrunk and
 reported like the pytest test reports them. ``nox -s sim`` runs this.
 """
@@ -16,6 +19,9 @@ from .runner import report, run, run_block, shrink
 
 
 def main() -> int:
+    if "--scale" in sys.argv[1:]:
+        from .scale import main as scale_main
+        return scale_main([a for a in sys.argv[1:] if a != "--scale"])
     parser = argparse.ArgumentParser(prog="python -m tests.sim")
     parser.add_argument("--runs", type=int, default=20_000)
     parser.add_argument("--jobs", type=int, default=2)

@@ -389,6 +389,7 @@ class EtcdModel:
         compaction as etcd's MVCC store is."""
         self._ever: list[bytes] = []
         """Sorted keys of :attr:`versions`."""
+        self.events_committed = 0
         self._ctx = contextvars.Context()  # nobody's: pausing a worker never stops etcd
 
     # -- keyspace ----------------------------------------------------------------
@@ -560,6 +561,7 @@ class EtcdModel:
 
     def _commit(self, rev: int, events: list[WatchEvent]) -> None:
         self.revision = rev
+        self.events_committed += len(events)
         self.history.append((rev, events))
         now = self.loop.time()
         for w in self.watchers:

@@ -9,11 +9,13 @@ the shrunk plan and a timeline per worker; replay it with
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
 from .plan import Fault, Plan, draw_plan
 from .runner import report, run, seeds, shrink
+from .scale import ScaleConfig, run_scale
 
 DEFAULT_RUNS = 2000
 
@@ -47,11 +49,39 @@ REGRESSION_SEEDS = [47, 666, 909, 1052, 1695, 1803, 1825, 1858, 2226, 2400, 2530
                     4391, 6073, 8117, 10886, 25074, 25665, 100668, 102141, 201677, 302383]
 
 
+@pytest.mark.parametrize("mirror", ["namespace", "served"])
 @pytest.mark.parametrize("seed", REGRESSION_SEEDS)
-def test_regression_seed(seed: int) -> None:
-    outcome = run(seed)
+def test_regression_seed(seed: int, mirror: str) -> None:
+    """Each regression seed's plan, with the store in either mirror mode (the seeds
+    were found with the namespace mirror; served customers idle after 10 s)."""
+    plan = draw_plan(seed)
+    config = plan.config
+    if config.mirror != mirror:
+        config = replace(config, mirror=mirror,
+                         idle_after=config.idle_after if mirror == "namespace" else 10.0)
+    outcome = run(seed, replace(plan, config=config))
     if outcome.failed:
         pytest.fail(report(shrink(outcome)), pytrace=False)
+
+
+def test_scale_small() -> None:
+    """The scale mode at a small size, both mirror modes on one workload and fault list:
+    no reuse, no violation, and a served worker hears a small share of what a
+    namespace-mirroring worker hears (it watches only the customers it serves)."""
+    size = dict(workers=50, customers=20_000, minutes=0.5, active=0.1, seed=7)
+    served = run_scale(ScaleConfig(mirror="served", **size), log=lambda _: None)
+    namespace = run_scale(ScaleConfig(mirror="namespace", **size), log=lambda _: None)
+    for result in (served, namespace):
+        assert result.reuse == 0, result.summary()
+        assert result.violations == [], "\n".join(result.violations[:10])
+        assert result.redemptions > 0, result.summary()
+    if served.config["store_mirror"] != "served":
+        pytest.skip("this EtcdStore has no served mode: nothing to compare")
+    fan_served = served.watch_events_per_worker_per_s["mean"]
+    fan_namespace = namespace.watch_events_per_worker_per_s["mean"]
+    assert fan_served * 5 < fan_namespace, (served.summary(), namespace.summary())
+    assert served.mirror_entries_per_worker["max"] * 10 < \
+        namespace.mirror_entries_per_worker["mean"], (served.summary(), namespace.summary())
 
 
 @pytest.mark.parametrize("seed", [3, 60, 66])

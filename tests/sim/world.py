@@ -245,7 +245,7 @@ class World:
         mirror = getattr(self.stores[worker], "_mirror", None)
         if not isinstance(mirror, dict):
             return
-        for customer, m in list(mirror.items()):
+        for customer, m in self._entries_to_check(mirror):
             if getattr(m, "observed", 0) > revision:
                 continue  # a direct read or own write newer than the watch: judged later
             self._compare_entry(worker, customer, m, f"its watch caught up at rev {revision}",
@@ -263,7 +263,7 @@ class World:
         if not isinstance(mirror, dict):
             return
         settled, unsettled = stream.settled_keys()
-        for customer, m in list(mirror.items()):
+        for customer, m in self._entries_to_check(mirror):
             key = quote(customer, safe="").encode()
             tok, lock = b"sim/tok/" + key, b"sim/lock/" + key
             if tok not in settled or lock not in settled or tok in unsettled or \
@@ -273,6 +273,10 @@ class World:
             self._compare_entry(worker, customer, m,
                                 f"its watch stream caught up at rev {self.etcd.revision}",
                                 rescues=rescue in settled and rescue not in unsettled)
+
+    def _entries_to_check(self, mirror: dict[str, Any]) -> list[tuple[str, Any]]:
+        """The mirror entries a live check judges (all of them, here)."""
+        return list(mirror.items())
 
     def _compare_entry(self, worker: str, customer: str, m: Any, when: str,
                        rescues: bool) -> None:
