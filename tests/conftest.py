@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Literal
 
 import aiohttp
 import pytest
@@ -90,10 +91,17 @@ def namespace(request: pytest.FixtureRequest) -> str:
     return f"t/{request.node.name}/{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture(params=["namespace", "served"])
+def mirror(request: pytest.FixtureRequest) -> str:
+    """Both of the etcd store's mirrors: the whole namespace, or served customers only."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def etcd_store(etcd_server: LocalEtcd, namespace: str) -> AsyncIterator[EtcdStore]:
+async def etcd_store(etcd_server: LocalEtcd, namespace: str,
+                     mirror: Literal["namespace", "served"]) -> AsyncIterator[EtcdStore]:
     store = EtcdStore(EtcdSettings(endpoints=[etcd_server.endpoint]), namespace=namespace,
-                      lease_ttl=3)
+                      lease_ttl=3, mirror=mirror)
     await store.start()
     yield store
     await store.aclose()

@@ -128,7 +128,7 @@ def build(args: argparse.Namespace) -> TokenManager:
     if args.production:
         # The product's defaults, nothing shortened: only the lease TTL is ours.
         store = EtcdStore(EtcdSettings(endpoints=[args.etcd]), namespace=args.namespace,
-                          lease_ttl=args.lease_ttl or 30)
+                          lease_ttl=args.lease_ttl or 30, mirror=args.mirror)
         timeouts: dict[str, float] = {} if args.timeout is None else {
             "timeout": args.timeout, "connect_timeout": min(5.0, args.timeout / 2)}
         config = OAuthConfig(client_id=DEFAULT_CLIENT_ID,
@@ -138,7 +138,7 @@ def build(args: argparse.Namespace) -> TokenManager:
         return TokenManager(HookedOAuth(config, args.mode), store, RefreshPolicy())
     timeout = 1.2 if args.timeout is None else args.timeout
     store = EtcdStore(EtcdSettings(endpoints=[args.etcd]), namespace=args.namespace,
-                      lease_ttl=args.lease_ttl or 4)
+                      lease_ttl=args.lease_ttl or 4, mirror=args.mirror)
     config = OAuthConfig(client_id=DEFAULT_CLIENT_ID, client_secret=Secret(DEFAULT_CLIENT_SECRET),
                          login_url=args.login_url,
                          instance_policy=InstanceUrlPolicy.for_emulator(),
@@ -205,6 +205,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None, help="default 1.2 (the product's "
                    "default with --production)")
     p.add_argument("--recovery", default="fail_closed")
+    p.add_argument("--mirror", default="namespace", choices=["namespace", "served"])
     p.add_argument("--grace", type=float, default=None)
     p.add_argument("--wait-timeout", type=float, default=60.0)
     return p.parse_args(argv)

@@ -82,15 +82,15 @@ async def test_resync_after_compaction_reads_in_pages(etcd_server: LocalEtcd,
     await store.start()
     await writer.start()
     try:
+        seen = await store.read("customer-000007")  # served here: its record is kept
+        assert seen is not None
         watch = store._tasks[1]
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
         await writer.put("customer-000007", record(7).replace(generation=5))
         latest = await writer.put("customer-000008", record(8).replace(generation=1))
         await writer.client.compact(latest.version)  # the first put is history now
-        waiter = asyncio.create_task(store.wait_for_change("customer-000007",
-                                                           (await store.read(
-                                                               "customer-000007")).stamp, 30))
+        waiter = asyncio.create_task(store.wait_for_change("customer-000007", seen.stamp, 30))
         before = store.client.round_trips
         store._tasks[1] = asyncio.create_task(store._watch_loop())  # finds it compacted
         woke = await waiter

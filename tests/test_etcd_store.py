@@ -155,7 +155,7 @@ async def test_watch_resumes_after_compaction(etcd_server, etcd_store, namespace
         await asyncio.sleep(0.1)
         assert not waiter.done()  # the mirror cannot know yet
         # The watch comes back from its old revision, finds it compacted, resyncs.
-        etcd_store._tasks[1] = asyncio.create_task(etcd_store._watch_loop())
+        etcd_store._tasks[1] = asyncio.create_task(etcd_store._watch_task())
         woke = await waiter
         assert woke is not None
         assert woke.version == latest.version

@@ -9,6 +9,7 @@ derived recovery grace) unless a test says otherwise and why.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import types
 from collections.abc import AsyncIterator
@@ -58,8 +59,18 @@ def production_oauth(em: Emulator) -> OAuthClient:
                           answer_grace=2.0)
 
 
+MIRROR = "namespace"
+
+
+@pytest.fixture(params=["namespace", "served"])
+def every_mirror(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a test on both of the etcd store's mirrors."""
+    monkeypatch.setattr(sys.modules[__name__], "MIRROR", request.param)
+
+
 async def production_manager(em: Emulator, server: LocalEtcd, namespace: str) -> TokenManager:
-    store = EtcdStore(EtcdSettings(endpoints=[server.endpoint]), namespace=namespace)
+    store = EtcdStore(EtcdSettings(endpoints=[server.endpoint]), namespace=namespace,
+                      mirror=MIRROR)  # type: ignore[arg-type]
     await store.start()
     return TokenManager(production_oauth(em), store, RefreshPolicy())
 
@@ -67,6 +78,7 @@ async def production_manager(em: Emulator, server: LocalEtcd, namespace: str) ->
 # -- item 1: busy-wait ---------------------------------------------------------
 
 
+@pytest.mark.usefixtures("every_mirror")
 async def test_item1_waiting_on_a_lock_its_lease_dropped_never_freezes_the_loop(
         emulator: Emulator, etcd_server: LocalEtcd, namespace: str):
     """The lock of a dead holder is deleted by lease expiry; the intent stays. With
@@ -198,6 +210,7 @@ def lose_answers(store: EtcdStore, *, retry: bool) -> list[int]:
 
 
 @pytest.mark.parametrize("retry", [False, True], ids=["answer-lost", "retried"])
+@pytest.mark.usefixtures("every_mirror")
 async def test_item4_an_applied_acquire_whose_answer_was_lost_is_recognised(
         emulator: Emulator, etcd_server: LocalEtcd, namespace: str, retry: bool):
     manager = await production_manager(emulator, etcd_server, namespace)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 
 import pytest
@@ -24,6 +25,15 @@ from tests.conftest import emulator_grant, emulator_oauth
 pytestmark = pytest.mark.anyio
 
 
+MIRROR = "namespace"
+
+
+@pytest.fixture(autouse=True, params=["namespace", "served"])
+def _every_mirror(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here runs on both of the etcd store's mirrors."""
+    monkeypatch.setattr(sys.modules[__name__], "MIRROR", request.param)
+
+
 async def etcd_manager(em: Emulator, server, namespace: str, **policy: object) -> TokenManager:
     """A manager on its own store and lease (a process, as etcd sees it).
 
@@ -31,7 +41,7 @@ async def etcd_manager(em: Emulator, server, namespace: str, **policy: object) -
     lease expiry is quick to test; the manager refuses a lease too short for them.
     """
     store = EtcdStore(EtcdSettings(endpoints=[server.endpoint]), namespace=namespace,
-                      lease_ttl=4)
+                      lease_ttl=4, mirror=MIRROR)  # type: ignore[arg-type]
     await store.start()
     policy.setdefault("lease_margin", 0.5)
     return TokenManager(emulator_oauth(em, timeout=1.2, connect_timeout=0.5), store,
@@ -61,6 +71,9 @@ async def test_other_process_learns_the_new_token_from_the_watch(emulator: Emula
     a = await etcd_manager(emulator, etcd_server, namespace)
     b = await etcd_manager(emulator, etcd_server, namespace)
     record = await a.connect("acme", emulator_grant(emulator, "acme"))
+    # b serves acme (its first use reads the record: the mirror keeps records only
+    # of customers this process uses); from then on the watch keeps it current.
+    assert await b.token("acme") == record.access_token.reveal()
     creds = await a.refresh("acme", stale=record.access_token.reveal())
     for _ in range(100):
         if b._cache.get("acme") and b._cache["acme"].token == creds.access_token:

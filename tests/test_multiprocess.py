@@ -100,10 +100,12 @@ async def test_eight_processes_two_hundred_coroutines_fifty_customers(
     # coordination under load, not expiry. On two cores shared by nine busy
     # processes the in-process emulator answers late: a 1.2 s timeout turned slow
     # answers into unknown outcomes, and a 4 s lease lapsed.
+    # A mixed fleet: half the workers mirror the namespace, half only what they serve.
     workers = [await Worker.start(etcd_server, emulator, namespace, customers,
                                   coroutines=200, duration=duration, pause=0.3,
-                                  lease_ttl=20, timeout=10)
-               for _ in range(8)]
+                                  lease_ttl=20, timeout=10,
+                                  mirror="served" if i % 2 else "namespace")
+               for i in range(8)]
     try:
         for w in workers:
             await w.expect("READY")
@@ -230,14 +232,15 @@ async def test_sigkill_after_rotation_before_commit_is_a_justified_loss(emulator
         await mine.aclose()
 
 
+@pytest.mark.parametrize("mirror", ["namespace", "served"])
 async def test_sigstop_past_the_lease_during_the_provider_call(emulator: Emulator,
-                                                               etcd_server, namespace):
+                                                               etcd_server, namespace, mirror):
     mine = await connect_all(emulator, etcd_server, namespace, ["acme"])
     stale = await mine.token("acme")
     emulator.faults.set("token", latency=1.0)
     # An 8 s lease and a 4 s provider timeout: the call fits the lease, the stop does not.
     worker = await Worker.start(etcd_server, emulator, namespace, ["acme"], mode="refresh",
-                                lease_ttl=8, timeout=4)
+                                lease_ttl=8, timeout=4, mirror=mirror)
     try:
         await worker.expect("EVENT redeeming")
         # Stop it once Salesforce (the emulator) is processing its request.

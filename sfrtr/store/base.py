@@ -79,9 +79,12 @@ class TokenStore(Protocol):
         """Every customer with a stored record."""
 
     def subscribe(self, callback: Callable[[str, Versioned | None], None]) -> None:
-        """Call ``callback(customer, state)`` after every change to a record, including
-        changes made by other processes (``None``: the record was deleted). Keeps the
-        token manager's cache current without reads."""
+        """Call ``callback(customer, state)`` after every change to the record of a
+        customer this process uses (has read or written), including changes made by
+        other processes. ``None``: the record was deleted, or the store no longer keeps
+        it current here (an idle customer let go), so a cached copy must be dropped.
+        Keeps the token manager's cache current without reads; a store may also
+        notify changes of customers this process never used."""
 
     def lease_remaining(self, lease: int | None = None) -> float | None:
         """Seconds this process can still count on its lock lease, or ``None``

@@ -8,8 +8,20 @@ Keys under a namespace ``NS``::
 
 The record's version is its ``mod_revision``. Acquire (lock + intent) and
 commit (record + unlock) are one Txn each, so an uncontended refresh costs
-two round trips: reads come from a mirror of the namespace that one prefix
-watch keeps current, and waiters wake from that watch, never by polling.
+two round trips: reads come from a mirror that watches keep current, and
+waiters wake from those watches, never by polling.
+
+Two mirrors (``mirror=``):
+
+- ``"namespace"`` (the default): one prefix watch; the version, lock and
+  rescue state of every customer (loaded keys-only, page by page), the token
+  record only of the customers this process serves. Every worker hears every
+  change of the fleet: right for up to some tens of thousands of customers.
+- ``"served"``: only the customers this process uses, each read on first use
+  and followed by its own watchers on one shared stream, dropped after
+  ``idle_after`` seconds unused. Memory and watch traffic grow with the
+  customers a worker serves, not with the fleet (``docs/operations.md``).
+
 See ``docs/protocol.md`` for the invariant each step protects.
 """
 
@@ -20,8 +32,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import quote, unquote
 
 import orjson
@@ -35,15 +48,20 @@ from sfrtr.store.etcd_client import (
     StreamBroken,
     TxnResult,
     WatchBatch,
+    WatchEvent,
+    WatchStream,
     compare,
     delete,
     get,
+    prefix_end,
     put,
 )
 
 log = logging.getLogger("sfrtr.etcd")
 
 Subscriber = Callable[[str, Versioned | None], None]
+Mirror = Literal["namespace", "served"]
+_KINDS = ("tok", "lock", "rescue")  # a served customer's watchers, by id offset
 
 
 @dataclass(slots=True)
@@ -51,16 +69,25 @@ class _Mirror:
     """What this process knows of one customer, and as of which revision."""
 
     record: TokenRecord | None = None
+    """The record at ``version``, kept only while the customer is served (``None``
+    with a version: not served here, or its body is not known: read it)."""
     version: int = 0
+    """The record's mod revision; 0: there is no record."""
     locked: bool = False
     observed: int = 0
-    """The revision the record and lock state are known to be current at (a direct
+    """The revision the version (and record) is known to be current at (a direct
     read's, or the last watch event applied); older events are not applied."""
+    lock_at: int = 0
+    """The same for the lock. Kept apart: a served customer's record and lock come
+    on separate watchers, so one may run ahead of the other."""
     changed: int = 0
     """The revision of the last change seen to any of the customer's keys: the
     stamp waiters compare against."""
     rescues: set[int] | None = None
     """Fences of the customer's rescue entries (``None``: none)."""
+    used: float = 0.0
+    """Monotonic time this process last used the customer (0: never): a used
+    customer's record is kept, its changes reach subscribers."""
 
 
 def _encode(record: TokenRecord) -> bytes:
@@ -90,16 +117,25 @@ class EtcdStore:
     """
 
     def __init__(self, settings: EtcdSettings | None = None, *, namespace: str = "sfrtr",
-                 lease_ttl: int = 30, page_size: int = 1000) -> None:
+                 lease_ttl: int = 30, page_size: int = 5000, mirror: Mirror = "namespace",
+                 idle_after: float = 600.0) -> None:
         if not namespace or namespace.endswith("/"):
             raise ValueError("namespace must be non-empty and not end with '/'")
         if lease_ttl < 2:
             raise ValueError("lease_ttl must be at least 2 seconds")
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
+        if mirror not in ("namespace", "served"):
+            raise ValueError("mirror must be 'namespace' or 'served'")
+        if not idle_after >= 1.0:
+            raise ValueError("idle_after must be at least 1 second")
         self.page_size = page_size
-        """Keys per Range page when loading the namespace (a page must fit in one
-        gRPC message: 1,000 records are about 1 MB)."""
+        """Keys per Range page when loading the namespace (keys only: 5,000 keys
+        are about 300 KB, well inside one gRPC message)."""
+        self.mirror: Mirror = mirror
+        self.idle_after = idle_after
+        """Seconds a customer stays served without use before its record is let go
+        (and, with ``mirror="served"``, its watchers)."""
         self.client = EtcdClient(settings or EtcdSettings())
         self.namespace = namespace
         self._prefix = f"{namespace}/".encode()
@@ -110,10 +146,20 @@ class EtcdStore:
         self._lease_ready = asyncio.Event()
         self._mirror: dict[str, _Mirror] = {}
         self._waiters: dict[str, asyncio.Event] = {}
-        self._synced = False
+        self._synced = mirror == "served"  # a served mirror has no namespace snapshot
         self._watch_from = 0
+        # mirror="served": customer -> its first watcher id (tok, lock, rescue follow
+        # it); watcher id -> [customer, the revision to resume it from].
+        self._followed: dict[str, int] = {}
+        self._watchers: dict[int, list[str | int]] = {}
+        self._loading: dict[str, asyncio.Future[None]] = {}
+        self._next_watch = 1
+        self._to_add: set[int] = set()
+        self._to_remove: set[int] = set()
+        self._send_kick = asyncio.Event()
         self._subscribers: list[Subscriber] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._start_lock = asyncio.Lock()
         self._grant_lock = asyncio.Lock()
         self._started = False
@@ -136,7 +182,7 @@ class EtcdStore:
         kind, _, rest = key[len(self._prefix):].decode().partition("/")
         if kind == "rescue":
             rest = rest.rpartition("/")[0]
-        if kind not in ("tok", "lock", "rescue") or not rest:
+        if kind not in _KINDS or not rest:
             return None
         return kind, unquote(rest)
 
@@ -151,10 +197,12 @@ class EtcdStore:
                 raise StoreError("the store is closed")
             await self.client.connect()
             await self._grant()
-            await self._resync()
+            if self.mirror == "namespace":
+                await self._resync()
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._keepalive_loop()),
-                           loop.create_task(self._watch_loop())]
+                           loop.create_task(self._watch_task()),
+                           loop.create_task(self._idle_loop())]
             self._started = True
 
     async def _ensure(self) -> None:
@@ -163,9 +211,10 @@ class EtcdStore:
 
     async def aclose(self) -> None:
         self._closed = True
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._background]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
@@ -177,8 +226,14 @@ class EtcdStore:
         await self.client.close()
 
     def subscribe(self, callback: Subscriber) -> None:
-        """Call ``callback(customer, state)`` whenever a record changes (``None``: deleted)."""
+        """Call ``callback(customer, state)`` whenever the record of a customer this
+        process uses changes (``None``: deleted, or no longer followed here)."""
         self._subscribers.append(callback)
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- the lease -------------------------------------------------------------
 
@@ -256,14 +311,16 @@ class EtcdStore:
             assert self._lease_id is not None
             return self._lease_id
 
-    # -- the mirror and the watch --------------------------------------------
+    # -- the namespace mirror: one prefix watch ----------------------------------
 
     async def _resync(self) -> None:
-        """Load the whole namespace, page by page, as one snapshot (every page is
-        read at the first page's revision), then watch from the next revision."""
+        """Load the namespace's keys (not their values), page by page, as one
+        snapshot (every page is read at the first page's revision), then watch
+        from the next revision. Records are read when a customer is used."""
         fresh: dict[str, _Mirror] = {}
         revision = 0
-        async for revision, kvs in self.client.range_pages(self._prefix, self.page_size):
+        async for revision, kvs in self.client.range_pages(self._prefix, self.page_size,
+                                                           keys_only=True):
             for kv in kvs:
                 parsed = self._parse_key(kv.key)
                 if parsed is None:
@@ -271,12 +328,8 @@ class EtcdStore:
                 kind, customer = parsed
                 m = fresh.get(customer)
                 if m is None:
-                    m = fresh[customer] = _Mirror(observed=revision)
+                    m = fresh[customer] = _Mirror(observed=revision, lock_at=revision)
                 if kind == "tok":
-                    try:
-                        m.record = _decode(kv.value)
-                    except StoreError as exc:
-                        log.error("customer %s: %s", customer, exc)
                     m.version = kv.mod_revision
                 elif kind == "lock":
                     m.locked = True
@@ -285,6 +338,7 @@ class EtcdStore:
                     if fence is not None:
                         m.rescues = (m.rescues or set()) | {fence}
                 m.changed = max(m.changed, kv.mod_revision)
+        changed_used: list[str] = []
         for customer, old in self._mirror.items():
             new = fresh.get(customer)
             if old.observed > revision:
@@ -293,30 +347,40 @@ class EtcdStore:
                 if new is not None and new.rescues != old.rescues:
                     old.rescues = new.rescues
                 fresh[customer] = old
-            elif new is None:  # deleted while we were not watching
-                fresh[customer] = _Mirror(observed=revision, changed=max(old.changed, revision))
-            elif (old.version, old.locked, old.rescues) != (new.version, new.locked, new.rescues):
+                continue
+            if new is None:  # deleted while we were not watching
+                new = fresh[customer] = _Mirror(observed=revision, lock_at=revision)
+            if (old.version, old.locked, old.rescues) != (new.version, new.locked, new.rescues):
                 new.changed = max(old.changed, revision)
             else:
                 new.changed = max(new.changed, old.changed)
+            new.used = old.used
+            if new.version == old.version:
+                new.record = old.record
+            elif old.used:
+                changed_used.append(customer)  # its new record is read when next used
         self._mirror = fresh
         self._watch_from = revision + 1
         self._synced = True
         for customer in list(self._waiters):
             self._wake(customer)
-        for customer, m in fresh.items():
-            self._notify(customer, m)
+        for customer in changed_used:
+            self._notify(customer, fresh[customer])
 
     def _restart_watch(self) -> None:
         """The connection broke under the keepalive stream: the watch stream on it may
         be dead without knowing (a restarted etcd does not always end it, and
-        progress notifications come every ten minutes), so start it again from a
-        fresh load rather than wait on it."""
+        progress notifications come every ten minutes), so start it again (from a
+        fresh load, for the namespace mirror) rather than wait on it."""
         if self._closed or len(self._tasks) < 2:
             return
         self._tasks[1].cancel()
-        self._synced = False
-        self._tasks[1] = asyncio.get_running_loop().create_task(self._watch_loop())
+        if self.mirror == "namespace":
+            self._synced = False
+        self._tasks[1] = asyncio.get_running_loop().create_task(self._watch_task())
+
+    def _watch_task(self) -> Coroutine[object, object, None]:
+        return self._watch_loop() if self.mirror == "namespace" else self._follow_loop()
 
     async def _watch_loop(self) -> None:
         while not self._closed:
@@ -340,72 +404,239 @@ class EtcdStore:
 
     def _apply_batch(self, batch: WatchBatch) -> None:
         for event in batch.events:
-            revision = event.kv.mod_revision
             # Only delivered events move the resume point: a reply's header
             # revision (the watch-created reply's above all) may run ahead of
             # events still on their way.
-            self._watch_from = max(self._watch_from, revision + 1)
-            parsed = self._parse_key(event.kv.key)
-            if parsed is None:
-                continue
-            kind, customer = parsed
-            m = self._mirror.get(customer)
-            if m is None:
-                m = self._mirror[customer] = _Mirror()
-            m.changed = max(m.changed, revision)
-            if kind == "rescue":
-                # Direct reads never cover rescues: only events (and resyncs) do.
-                fence = _rescue_fence(event.kv.key)
-                if fence is not None:
-                    found = m.rescues or set()
-                    if event.kind == "put":
-                        found.add(fence)
-                    else:
-                        found.discard(fence)
-                    m.rescues = found or None
-                self._notify(customer, m)
-            elif revision >= m.observed:  # one Txn puts several keys at one revision
+            self._watch_from = max(self._watch_from, event.kv.mod_revision + 1)
+            self._apply_event(event, create=True)
+
+    def _apply_event(self, event: WatchEvent, *, create: bool) -> None:
+        revision = event.kv.mod_revision
+        parsed = self._parse_key(event.kv.key)
+        if parsed is None:
+            return
+        kind, customer = parsed
+        m = self._mirror.get(customer)
+        if m is None:
+            if not create:
+                return  # a served customer let go: its watchers' last events
+            m = self._mirror[customer] = _Mirror()
+        m.changed = max(m.changed, revision)
+        if kind == "rescue":
+            # Direct reads never cover rescues: only events (and loads) do.
+            fence = _rescue_fence(event.kv.key)
+            if fence is not None:
+                found = m.rescues or set()
+                if event.kind == "put":
+                    found.add(fence)
+                else:
+                    found.discard(fence)
+                m.rescues = found or None
+            self._notify(customer, m)
+        elif kind == "tok":
+            if revision >= m.observed:  # one Txn puts several keys at one revision
                 m.observed = revision
-                if kind == "tok":
-                    if event.kind == "put":
+                if event.kind == "put":
+                    m.version = revision
+                    m.record = None
+                    if m.used:  # only a served customer's record is kept
                         try:
                             m.record = _decode(event.kv.value)
                         except StoreError as exc:
                             log.error("customer %s: %s", customer, exc)
-                            m.record = None
-                        m.version = revision
-                    else:
-                        m.record, m.version = None, 0
-                    self._notify(customer, m)
                 else:
-                    m.locked = event.kind == "put"
-            self._wake(customer)
+                    m.record, m.version = None, 0
+                self._notify(customer, m)
+        elif revision >= m.lock_at:
+            m.lock_at = revision
+            m.locked = event.kind == "put"
+        self._wake(customer)
+
+    # -- the served mirror: watchers per customer, on one stream ----------------------
+
+    async def _follow(self, customer: str) -> None:
+        """Make sure a served customer is loaded and watched (one load at a time)."""
+        if customer in self._followed:
+            return
+        loading = self._loading.get(customer)
+        if loading is None:
+            task = asyncio.get_running_loop().create_task(self._load(customer))
+            self._loading[customer] = loading = task
+
+            def done(t: asyncio.Future[None]) -> None:
+                self._loading.pop(customer, None)
+                if not t.cancelled():
+                    t.exception()  # retrieved: a load nobody awaits any more fails quietly
+            task.add_done_callback(done)
+        await asyncio.shield(loading)
+
+    async def _load(self, customer: str) -> None:
+        """Read the customer's keys at one revision, then watch them from the next:
+        the watchers replay whatever changed after the read."""
+        tok, lock, rescues = self._tok(customer), self._lock(customer), \
+            self._rescue_prefix(customer)
+        revision, tok_kvs, lock_kvs = await self.client.get_pair(tok, lock)
+        _, rescue_kvs = await self.client.range(rescues, prefix=True, keys_only=True,
+                                                revision=revision)
+        if self._closed or customer in self._followed:
+            return
+        m = self._observe(customer, revision, tok_kvs, lock_kvs)
+        fences = {f for f in map(_rescue_fence, (kv.key for kv in rescue_kvs)) if f is not None}
+        if (m.rescues or set()) != fences:
+            m.rescues = fences or None
+            m.changed = max(m.changed, revision)
+        first = self._next_watch
+        self._next_watch += len(_KINDS)
+        self._followed[customer] = first
+        for offset in range(len(_KINDS)):
+            self._watchers[first + offset] = [customer, revision + 1]
+            self._to_add.add(first + offset)
+        self._send_kick.set()
+        self._wake(customer)
+
+    def _unfollow(self, customer: str, *, gone: int = 0) -> None:
+        """Stop watching a customer (``gone``: a watcher etcd already cancelled)."""
+        first = self._followed.pop(customer, None)
+        if first is None:
+            return
+        for watch_id in range(first, first + len(_KINDS)):
+            self._watchers.pop(watch_id, None)
+            if watch_id in self._to_add:
+                self._to_add.discard(watch_id)
+            elif watch_id != gone:
+                self._to_remove.add(watch_id)
+        self._send_kick.set()
+
+    def _key_range(self, watch_id: int) -> tuple[bytes, bytes]:
+        customer = str(self._watchers[watch_id][0])
+        kind = _KINDS[watch_id - self._followed[customer]]
+        if kind == "tok":
+            return self._tok(customer), b""
+        if kind == "lock":
+            return self._lock(customer), b""
+        start = self._rescue_prefix(customer)
+        return start, prefix_end(start)
+
+    async def _follow_loop(self) -> None:
+        while not self._closed:
+            stream: WatchStream | None = None
+            try:
+                stream = await self.client.watch_stream()
+                # A new stream has no watchers: every followed one starts again from
+                # its resume point (etcd replays what it missed, or says compacted).
+                self._to_add, self._to_remove = set(self._watchers), set()
+                self._send_kick.set()
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._send_watchers(stream))
+                    group.create_task(self._read_watchers(stream))
+            except* StoreError as broken:
+                log.info("etcd watch interrupted (%s); following again",
+                         broken.exceptions[0])
+            except* Exception:  # this loop must never die: the mirror would freeze
+                log.exception("etcd watch failed unexpectedly; following again")
+            finally:
+                if stream is not None:
+                    stream.close()
+            await asyncio.sleep(0.2)
+
+    async def _send_watchers(self, stream: WatchStream) -> None:
+        while True:
+            await self._send_kick.wait()
+            self._send_kick.clear()
+            while self._to_remove:
+                await stream.remove(self._to_remove.pop())
+            while self._to_add:
+                watch_id = self._to_add.pop()
+                watcher = self._watchers.get(watch_id)
+                if watcher is not None:
+                    key, end = self._key_range(watch_id)
+                    await stream.add(watch_id, key, end, int(watcher[1]))
+
+    async def _read_watchers(self, stream: WatchStream) -> None:
+        while True:
+            watch_id, batch = await stream.read()
+            watcher = self._watchers.get(watch_id)
+            if watcher is None:
+                continue  # a watcher we removed: its last words
+            customer = str(watcher[0])
+            if batch.compacted:
+                # etcd dropped this watcher; its history is gone. Read the customer
+                # afresh (new watchers from the new read).
+                log.warning("customer %s: watch history compacted; reading it again",
+                            customer)
+                self._unfollow(customer, gone=watch_id)
+                self._wake(customer)
+                self._spawn(self._refollow(customer))
+                continue
+            for event in batch.events:
+                watcher[1] = max(int(watcher[1]), event.kv.mod_revision + 1)
+                self._apply_event(event, create=False)
+
+    async def _refollow(self, customer: str) -> None:
+        try:
+            await self._follow(customer)
+        except StoreError as exc:  # the next use loads it again
+            log.info("customer %s: could not be read again (%s)", customer, exc)
+
+    # -- letting idle customers go ------------------------------------------------------
+
+    async def _idle_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(max(0.5, self.idle_after / 4))
+            try:
+                self._let_go_idle(time.monotonic() - self.idle_after)
+            except Exception:  # never dies: a leak is better than a frozen mirror
+                log.exception("letting idle customers go failed")
+
+    def _let_go_idle(self, before: float) -> None:
+        served = self.mirror == "served"
+        for customer, m in list(self._mirror.items()):
+            if m.used >= before or (not m.used and not served) or \
+                    customer in self._waiters or customer in self._loading:
+                continue
+            m.used, m.record = 0.0, None
+            if served:
+                self._unfollow(customer)
+                del self._mirror[customer]
+            for callback in self._subscribers:
+                try:
+                    callback(customer, None)  # no longer kept current here
+                except Exception:
+                    log.exception("store subscriber failed")
+
+    # -- folding reads and writes into the mirror --------------------------------------
 
     def _observe(self, customer: str, revision: int, tok: list[KV], lock: list[KV]) -> _Mirror:
         """Fold a direct read (or a Txn's ranges) at ``revision`` into the mirror."""
         m = self._mirror.setdefault(customer, _Mirror())
+        before = (m.version, m.locked)
         if revision >= m.observed:
-            before = (m.version, m.locked)
             if tok:
-                m.record = _decode(tok[0].value)
+                if tok[0].mod_revision != m.version or m.record is None:
+                    m.record = _decode(tok[0].value)
                 m.version = tok[0].mod_revision
             else:
                 m.record, m.version = None, 0
-            m.locked = bool(lock)
             m.observed = revision
-            if (m.version, m.locked) != before:
-                # A deletion (a lock gone with its lease) has no revision of its
-                # own to show: the read's revision stands in.
-                m.changed = max(m.changed, revision)
+        if revision >= m.lock_at:
+            m.locked = bool(lock)
+            m.lock_at = revision
+        if (m.version, m.locked) != before:
+            # A deletion (a lock gone with its lease) has no revision of its
+            # own to show: the read's revision stands in.
+            m.changed = max(m.changed, revision)
         return m
 
     def _wrote(self, customer: str, revision: int, record: TokenRecord | None,
                locked: bool) -> None:
         m = self._mirror.setdefault(customer, _Mirror())
         if revision >= m.observed:
-            m.record, m.version, m.locked, m.observed = record, revision, locked, revision
+            m.record, m.observed = record, revision
+            m.version = 0 if record is None else revision
             m.changed = max(m.changed, revision)
             self._notify(customer, m)
+        if revision >= m.lock_at:
+            m.locked, m.lock_at = locked, revision
         self._wake(customer)
 
     def _wake(self, customer: str) -> None:
@@ -414,6 +645,8 @@ class EtcdStore:
             event.set()
 
     def _notify(self, customer: str, m: _Mirror) -> None:
+        if not m.used:
+            return  # nobody here holds this customer's record
         state = self._view(m)
         for callback in self._subscribers:
             try:
@@ -428,40 +661,56 @@ class EtcdStore:
         return Versioned(m.record, m.version, m.locked, stamp=m.changed,
                          rescued=m.rescues is not None)
 
+    async def _use(self, customer: str) -> _Mirror | None:
+        """Start (once) and mark the customer used now; a served mirror follows it."""
+        await self._ensure()
+        if self.mirror == "served":
+            await self._follow(customer)
+        m = self._mirror.get(customer)
+        if m is not None:
+            m.used = time.monotonic()
+        return m
+
     # -- TokenStore --------------------------------------------------------------
 
     async def read(self, customer: str) -> Versioned | None:
-        await self._ensure()
-        if self._synced:
-            known = self._view(self._mirror.get(customer))
-            # A record the mirror holds is at worst stale, which a compare
-            # catches; one it lacks may be brand new and still on its way.
-            if known is not None:
-                return known
+        m = await self._use(customer)
+        if self._synced and m is not None and m.record is not None and \
+                (m.locked or m.record.intent is None or m.lock_at >= m.version):
+            # A record the mirror holds is at worst stale, which a compare catches;
+            # one it lacks may be brand new and still on its way. An intent seen
+            # without its lock is read again unless the lock is known as of the
+            # record's version (a served customer's lock comes on its own watcher).
+            return self._view(m)
         revision, tok, lock = await self.client.get_pair(self._tok(customer),
                                                          self._lock(customer))
-        return self._view(self._observe(customer, revision, tok, lock))
+        m = self._observe(customer, revision, tok, lock)
+        m.used = m.used or time.monotonic()
+        return self._view(m)
 
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
-        await self._ensure()
+        await self._use(customer)
         result = await self.client.txn(
             [], [put(self._tok(customer), _encode(record)), delete(self._lock(customer)),
                  delete(self._rescue_prefix(customer), prefix=True)])
+        self._mark_used(customer)
         self._wrote(customer, result.revision, record, False)
         self._mirror[customer].rescues = None
         return Versioned(record, result.revision, False, stamp=result.revision)
 
+    def _mark_used(self, customer: str) -> None:
+        self._mirror.setdefault(customer, _Mirror()).used = time.monotonic()
+
     async def acquire(self, customer: str, expected_version: int,
                       intent: Intent) -> Versioned | None:
-        await self._ensure()
-        current = self._mirror.get(customer)
-        if current is None or current.record is None:
+        current = await self._use(customer)
+        if current is None or current.version == 0:
             return None
         lease = await self._live_lease()
         intent = dataclasses.replace(intent, lease=lease)
         # The record body comes from the version we compare against: if the
         # compare holds, this is exactly the record at expected_version.
-        if current.version != expected_version:
+        if current.version != expected_version or current.record is None:
             await self._refresh_view(customer)
             return None
         record = current.record.replace(status=Status.REFRESHING, intent=intent)
@@ -484,6 +733,7 @@ class EtcdStore:
                 # A retried request whose first attempt landed: the lock is ours.
                 return Versioned(m.record, m.version, True, stamp=m.changed)
             return None
+        self._mark_used(customer)
         self._wrote(customer, result.revision, record, True)
         return Versioned(record, result.revision, True, stamp=result.revision)
 
@@ -493,7 +743,7 @@ class EtcdStore:
         self._observe(customer, revision, tok, lock)
 
     async def commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
-        await self._ensure()
+        await self._use(customer)
         tok = self._tok(customer)
         result: TxnResult = await self.client.txn(
             [compare(tok, "mod", "==", fence)],
@@ -502,6 +752,7 @@ class EtcdStore:
         if not result.succeeded:
             self._observe(customer, result.revision, *result.ranges)
             return None
+        self._mark_used(customer)
         self._wrote(customer, result.revision, record, False)
         return Versioned(record, result.revision, False, stamp=result.revision)
 
@@ -519,13 +770,13 @@ class EtcdStore:
         self._wake(customer)
 
     async def save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
-        await self._ensure()
+        await self._use(customer)
         result = await self.client.txn(
             [], [put(self._rescue_prefix(customer) + b"%020d" % fence, _encode(record))])
         self._wrote_rescue(customer, fence, result.revision, True)
 
     async def rescues(self, customer: str) -> list[tuple[int, TokenRecord]]:
-        await self._ensure()
+        await self._use(customer)
         _, kvs = await self.client.range(self._rescue_prefix(customer), prefix=True)
         found: list[tuple[int, TokenRecord]] = []
         for kv in kvs:
@@ -536,17 +787,16 @@ class EtcdStore:
         return sorted(found, key=lambda item: item[0])
 
     async def drop_rescue(self, customer: str, fence: int) -> None:
-        await self._ensure()
+        await self._use(customer)
         result = await self.client.txn(
             [], [delete(self._rescue_prefix(customer) + b"%020d" % fence)])
         self._wrote_rescue(customer, fence, result.revision, False)
 
     async def wait_for_change(self, customer: str, after: int,
                               timeout: float) -> Versioned | None:
-        await self._ensure()
         deadline = time.monotonic() + timeout
         while True:
-            m = self._mirror.get(customer)
+            m = await self._use(customer)
             if m is not None and m.changed > after:
                 return await self.read(customer)
             left = deadline - time.monotonic()
@@ -561,7 +811,7 @@ class EtcdStore:
                 return await self.read(customer)
 
     async def delete(self, customer: str, *, version: int | None = None) -> bool:
-        await self._ensure()
+        await self._use(customer)
         tok = self._tok(customer)
         result = await self.client.txn(
             [] if version is None else [compare(tok, "mod", "==", version)],

@@ -365,7 +365,7 @@ class EtcdClient:
         _, b = await self.range(second, revision=revision)
         return revision, a, b
 
-    async def range_pages(self, prefix: bytes, page_size: int
+    async def range_pages(self, prefix: bytes, page_size: int, *, keys_only: bool = False
                           ) -> AsyncIterator[tuple[int, list[KV]]]:
         """Every key under ``prefix``, ``page_size`` keys per round trip, all pages
         read at the first page's revision (one consistent snapshot). Yields
@@ -374,7 +374,8 @@ class EtcdClient:
         start, end, revision = prefix, prefix_end(prefix), 0
         while True:
             reply = await self._unary("_kv", "Range", rpc.RangeRequest(
-                key=start, range_end=end, limit=page_size, revision=revision))
+                key=start, range_end=end, limit=page_size, revision=revision,
+                keys_only=keys_only))
             if revision == 0:
                 revision = reply.header.revision
             kvs = [_kv(kv) for kv in reply.kvs]
