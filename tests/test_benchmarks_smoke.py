@@ -29,3 +29,19 @@ def test_the_stores_benchmark_runs():
     with open(os.path.join(ROOT, "benchmarks", "results", "stores-quick.json")) as f:
         rows = json.load(f)["rows"]
     assert {r["store"] for r in rows if r["kind"] == "wake"} == {"memory", "sqlite", "etcd"}
+
+
+def test_the_scale_and_watcher_benchmarks_run():
+    for args in (["benchmarks.scale", "--sizes", "300", "--serve", "50"],
+                 ["benchmarks.watchers", "--customers", "300", "--writes", "30"]):
+        done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+    with open(os.path.join(ROOT, "benchmarks", "results", "watchers.json")) as f:
+        rows = json.load(f)["rows"]
+    # One worker following all customers hears every write; one following 1% of them
+    # hears only those (the point of the served mirror).
+    assert rows[1]["events_received"] == 30
+    assert rows[2]["events_received"] < 30
+    with open(os.path.join(ROOT, "benchmarks", "results", "scale.json")) as f:
+        assert {r["mirror"] for r in json.load(f)["rows"]} == {"namespace", "served"}
