@@ -46,3 +46,13 @@ def sim(session: nox.Session) -> None:
     """Long deterministic-simulation runs (``-- --runs 200000 --jobs 2 --seed N``)."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "tests.sim", *(session.posargs or ["--runs", "20000"]))
+
+
+@nox.session
+def scale(session: nox.Session) -> None:
+    """The etcd scale tests at 100,000 customers, then the scale and watcher benchmarks."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_etcd_scale.py", "-s",
+                env={"SFRTR_SCALE_CUSTOMERS": "100000"})
+    session.run("python", "-m", "benchmarks.scale", *session.posargs)
+    session.run("python", "-m", "benchmarks.watchers")

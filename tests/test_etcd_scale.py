@@ -4,12 +4,14 @@ One Range of the whole namespace failed at about 8,000 customers
 (RESOURCE_EXHAUSTED), so no worker could start, and every running worker's
 resync (after an etcd restart, a reconnect, a watch compaction) failed the
 same way. These tests write 20,000 customers (about 13 MB of records) straight
-into a real etcd and start and resynchronize stores on them.
+into a real etcd and start and resynchronize stores on them; ``nox -s scale``
+runs them with 100,000 (``SFRTR_SCALE_CUSTOMERS``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -20,7 +22,7 @@ from sfrtr.store.etcd_client import EtcdSettings, put
 from sfrtr.store.etcd_launcher import LocalEtcd
 
 pytestmark = pytest.mark.anyio
-CUSTOMERS = 20_000
+CUSTOMERS = int(os.environ.get("SFRTR_SCALE_CUSTOMERS", "20000"))
 TXN_OPS = 128  # etcd's default --max-txn-ops
 
 
