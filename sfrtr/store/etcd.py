@@ -146,6 +146,9 @@ class EtcdStore:
         self._lease_ready = asyncio.Event()
         self._mirror: dict[str, _Mirror] = {}
         self._waiters: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, int] = {}
+        """Customer -> calls of wait_for_change under way (a waited-on customer is
+        never let go)."""
         self._synced = mirror == "served"  # a served mirror has no namespace snapshot
         self._watch_from = 0
         # mirror="served": customer -> its first watcher id (tok, lock, rescue follow
@@ -346,6 +349,7 @@ class EtcdStore:
                 # it is newer than the snapshot, keep it.
                 if new is not None and new.rescues != old.rescues:
                     old.rescues = new.rescues
+                    old.changed = max(old.changed, revision)
                 fresh[customer] = old
                 continue
             if new is None:  # deleted while we were not watching
@@ -446,6 +450,16 @@ class EtcdStore:
                             log.error("customer %s: %s", customer, exc)
                 else:
                     m.record, m.version = None, 0
+                if self.mirror == "served" and revision >= m.lock_at and \
+                        (event.kind == "delete" or (m.record is not None and
+                                                    m.record.status is not Status.REFRESHING)):
+                    # Only an acquire writes a record without releasing the lock in
+                    # the same Txn, and it always writes a refreshing one; commit,
+                    # put and delete release it. So any other record's event tells
+                    # the lock's state at its revision (free), whichever watcher's
+                    # reply comes first. (A refreshing record tells nothing: a
+                    # commit may put one back, releasing the lock.)
+                    m.locked, m.lock_at = False, revision
                 self._notify(customer, m)
         elif revision >= m.lock_at:
             m.lock_at = revision
@@ -565,6 +579,7 @@ class EtcdStore:
                 log.warning("customer %s: watch history compacted; reading it again",
                             customer)
                 self._unfollow(customer, gone=watch_id)
+                self._forget(customer)  # whatever changed meanwhile, no cached copy stays
                 self._wake(customer)
                 self._spawn(self._refollow(customer))
                 continue
@@ -592,17 +607,23 @@ class EtcdStore:
         served = self.mirror == "served"
         for customer, m in list(self._mirror.items()):
             if m.used >= before or (not m.used and not served) or \
-                    customer in self._waiters or customer in self._loading:
+                    customer in self._waiting or customer in self._loading:
                 continue
             m.used, m.record = 0.0, None
             if served:
                 self._unfollow(customer)
                 del self._mirror[customer]
-            for callback in self._subscribers:
-                try:
-                    callback(customer, None)  # no longer kept current here
-                except Exception:
-                    log.exception("store subscriber failed")
+            elif not (m.version or m.locked or m.rescues):
+                del self._mirror[customer]  # asked about, never there: nothing to keep
+            self._forget(customer)
+
+    def _forget(self, customer: str) -> None:
+        """Tell subscribers the customer's record is no longer kept current here."""
+        for callback in self._subscribers:
+            try:
+                callback(customer, None)
+            except Exception:
+                log.exception("store subscriber failed")
 
     # -- folding reads and writes into the mirror --------------------------------------
 
@@ -661,32 +682,46 @@ class EtcdStore:
         return Versioned(m.record, m.version, m.locked, stamp=m.changed,
                          rescued=m.rescues is not None)
 
-    async def _use(self, customer: str) -> _Mirror | None:
-        """Start (once) and mark the customer used now; a served mirror follows it."""
+    def _consistent(self, m: _Mirror) -> bool:
+        """Whether the mirrored record and lock state belong together.
+
+        On the namespace mirror they do: one watch delivers a Txn's events in one
+        reply. A served customer's record and lock come on two watchers, so the two
+        events of one Txn (an acquire, a commit) arrive as two replies, in either
+        order, with other tasks running between them: a view taken between them is
+        a state etcd never held (a commit's new record still locked; an intent
+        without its lock, a false orphan). It is trusted only when both are known
+        as of the same revision; otherwise the customer is read from etcd, which
+        brings both to the read's revision again.
+        """
+        return self.mirror == "namespace" or m.observed == m.lock_at
+
+    async def _use(self, customer: str) -> _Mirror:
+        """Start (once) and mark the customer used now; a served mirror follows it.
+
+        The entry exists and is marked used before any read is sent, so watch events
+        that overtake that read keep the record's body (an unused entry keeps only
+        its version, and a read older than those events is not folded in)."""
         await self._ensure()
         if self.mirror == "served":
             await self._follow(customer)
         m = self._mirror.get(customer)
-        if m is not None:
-            m.used = time.monotonic()
+        if m is None:
+            m = self._mirror[customer] = _Mirror()
+        m.used = time.monotonic()
         return m
 
     # -- TokenStore --------------------------------------------------------------
 
     async def read(self, customer: str) -> Versioned | None:
         m = await self._use(customer)
-        if self._synced and m is not None and m.record is not None and \
-                (m.locked or m.record.intent is None or m.lock_at >= m.version):
+        if self._synced and m.record is not None and self._consistent(m):
             # A record the mirror holds is at worst stale, which a compare catches;
-            # one it lacks may be brand new and still on its way. An intent seen
-            # without its lock is read again unless the lock is known as of the
-            # record's version (a served customer's lock comes on its own watcher).
+            # one it lacks may be brand new and still on its way.
             return self._view(m)
         revision, tok, lock = await self.client.get_pair(self._tok(customer),
                                                          self._lock(customer))
-        m = self._observe(customer, revision, tok, lock)
-        m.used = m.used or time.monotonic()
-        return self._view(m)
+        return self._view(self._observe(customer, revision, tok, lock))
 
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
         await self._use(customer)
@@ -704,7 +739,7 @@ class EtcdStore:
     async def acquire(self, customer: str, expected_version: int,
                       intent: Intent) -> Versioned | None:
         current = await self._use(customer)
-        if current is None or current.version == 0:
+        if current.version == 0:
             return None
         lease = await self._live_lease()
         intent = dataclasses.replace(intent, lease=lease)
@@ -795,20 +830,28 @@ class EtcdStore:
     async def wait_for_change(self, customer: str, after: int,
                               timeout: float) -> Versioned | None:
         deadline = time.monotonic() + timeout
-        while True:
-            m = await self._use(customer)
-            if m is not None and m.changed > after:
-                return await self.read(customer)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            event = self._waiters.setdefault(customer, asyncio.Event())
-            try:
-                await asyncio.wait_for(event.wait(), left)
-            except TimeoutError:
-                return None
-            if not self._synced:
-                return await self.read(customer)
+        self._waiting[customer] = self._waiting.get(customer, 0) + 1
+        try:
+            while True:
+                m = await self._use(customer)
+                if m.changed > after:
+                    return await self.read(customer)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                event = self._waiters.setdefault(customer, asyncio.Event())
+                try:
+                    await asyncio.wait_for(event.wait(), left)
+                except TimeoutError:
+                    return None
+                if not self._synced:
+                    return await self.read(customer)
+        finally:
+            left_waiting = self._waiting.pop(customer) - 1
+            if left_waiting:
+                self._waiting[customer] = left_waiting
+            else:
+                self._waiters.pop(customer, None)  # nobody waits: no event to keep
 
     async def delete(self, customer: str, *, version: int | None = None) -> bool:
         await self._use(customer)
