@@ -1,7 +1,8 @@
 """One contract, one suite: every store against the same semantics.
 
 Each test runs on the memory store, the SQLite store (a file in a temporary
-directory) and the etcd store (the session's real etcd). ``Backend.other()``
+directory), the Postgres store (the session's real server, a schema per test)
+and the etcd store (the session's real etcd). ``Backend.other()``
 is "another process": a second instance on the same data (the memory store
 has only one process, so it returns the same instance; tests that need two
 live holders skip it). Nothing is mocked.
@@ -32,7 +33,9 @@ from sfrtr import (
 from sfrtr.emulator import Emulator
 from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings
+from sfrtr.store.postgres import PostgresStore
 from tests.conftest import emulator_grant, emulator_oauth
+from tests.postgres_server import pg_schema, postgres_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +70,7 @@ class Backend:
         return store
 
 
-@pytest.fixture(params=["memory", "sqlite", "etcd"])
+@pytest.fixture(params=["memory", "sqlite", "postgres", "etcd"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     kind: str = request.param
     if kind == "memory":
@@ -80,6 +83,12 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 
         def make() -> TokenStore:
             return SqliteStore(path)
+    elif kind == "postgres":
+        dsn = request.getfixturevalue("postgres_server").dsn
+        schema = request.getfixturevalue("pg_schema")
+
+        def make() -> TokenStore:
+            return PostgresStore(dsn, schema=schema, lease_ttl=3, pool_size=4)
     else:
         server = request.getfixturevalue("etcd_server")
         namespace = request.getfixturevalue("namespace")
@@ -377,7 +386,7 @@ async def test_a_retried_acquire_that_landed_is_recognised(backend: Backend):
     # own write (etcd's mirror; the manager then reclaims by the nonce): never a
     # second acquisition.
     assert again is None or (again.version == first.version and again.locked)
-    if backend.kind == "sqlite":
+    if backend.kind in ("sqlite", "postgres"):
         assert again is not None
     assert await store.acquire("acme", v0.version, intent("w1", nonce="n-2")) is None
 
