@@ -130,8 +130,7 @@ class LocalPostgres:
         self.close()
 
 
-# -- fixtures: imported by the test modules that use them (``from tests.postgres_server
-# import pg_schema, postgres_server``), so conftest.py stays as it is.
+# -- fixtures, for the test modules that declare ``pytest_plugins = ["tests.postgres_server"]``
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[LocalPostgres]:

@@ -35,9 +35,9 @@ from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings
 from sfrtr.store.postgres import PostgresStore
 from tests.conftest import emulator_grant, emulator_oauth
-from tests.postgres_server import pg_schema, postgres_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.anyio
+pytest_plugins = ["tests.postgres_server"]  # the postgres_server and pg_schema fixtures
 
 RECORD = TokenRecord(access_token=Secret("at-1"), refresh_token=Secret("rt-1"),
                      instance_url="https://x.my.salesforce.com", issued_at=1.0,

@@ -1,0 +1,128 @@
+"""A worker process on the Postgres store: ``python -m tests.postgres_worker ...``.
+
+The Postgres twin of ``tests.sqlite_worker`` (same modes and output: ``READY``,
+``EVENT x``, one final JSON line), plus ``pause-before-redeem``: the section
+waits for SIGUSR1 right before the token request (with its lease check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from sfrtr import (
+    InstanceUrlPolicy,
+    OAuthConfig,
+    RefreshOutcome,
+    RefreshPolicy,
+    Secret,
+    SfrtrError,
+    TokenManager,
+)
+from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from sfrtr.loop_stall import LoopStallMonitor
+from sfrtr.store.postgres import PostgresStore
+from tests.etcd_worker import HookedOAuth, report_stalls, say, storm
+
+
+class PausingOAuth(HookedOAuth):
+    def __init__(self, config: OAuthConfig, mode: str) -> None:
+        super().__init__(config, "refresh" if mode == "pause-before-redeem" else mode)
+        self.pausing = mode == "pause-before-redeem"
+        self.go = asyncio.Event()
+
+    async def refresh(self, refresh_token: Secret, *,
+                      budget: Callable[[], float | None] | None = None) -> RefreshOutcome:
+        if self.pausing:
+            say("EVENT paused")
+            await self.go.wait()
+        return await super().refresh(refresh_token, budget=budget)
+
+
+def build(args: argparse.Namespace) -> TokenManager:
+    store = PostgresStore(args.dsn, schema=args.schema, lease_ttl=args.lease_ttl,
+                          pool_size=args.pool_size)
+    config = OAuthConfig(client_id=DEFAULT_CLIENT_ID, client_secret=Secret(DEFAULT_CLIENT_SECRET),
+                         login_url=args.login_url,
+                         instance_policy=InstanceUrlPolicy.for_emulator(),
+                         timeout=args.timeout, connect_timeout=min(1.0, args.timeout / 2),
+                         head_grace=0.1, answer_grace=0.4)
+    return TokenManager(PausingOAuth(config, args.mode), store, RefreshPolicy(
+        recovery=args.recovery, recovery_grace=args.grace, lease_margin=0.5,
+        wait_timeout=args.wait_timeout))
+
+
+async def main(args: argparse.Namespace) -> None:
+    if log_dir := os.environ.get("SFRTR_WORKER_LOG_DIR"):  # for debugging fault runs
+        logging.basicConfig(filename=f"{log_dir}/worker-{os.getpid()}.log", level=logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    monitor = LoopStallMonitor()
+    monitor.start()
+    reporter = asyncio.create_task(report_stalls(monitor))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    manager = build(args)
+    oauth = manager.oauth
+    assert isinstance(oauth, PausingOAuth)
+    loop.add_signal_handler(signal.SIGUSR1, oauth.go.set)
+    store = manager.store
+    assert isinstance(store, PostgresStore)
+    await store.start()
+    say(f"READY holder {store.holder} pid {store._presence_pid}")
+    ready = time.monotonic()
+    result: dict[str, Any] = {}
+    if args.mode == "storm":
+        result = await storm(manager, args.customers.split(","), args.coroutines, args.duration,
+                             args.pause, stop)
+    else:
+        customer = args.customers.split(",")[0]
+        try:
+            stale = await manager.token(customer)
+            creds = await manager.refresh(customer, stale=stale)
+            result = {"ok": True, "token_changed": creds.access_token != stale}
+        except SfrtrError as exc:
+            result = {"ok": False, "error": type(exc).__name__}
+    result["stats"] = vars(manager.stats)
+    result["redemptions"] = manager.stats.redemptions
+    result["holder_now"] = store.holder
+    await manager.aclose()
+    reporter.cancel()
+    monitor.stop()
+    result["max_stall"] = monitor.max_stall
+    result["stalls_over_100ms"] = len(monitor.stalls)
+    result["stalls"] = [(round(t - ready, 2), round(d, 3)) for t, d in monitor.stalls]
+    say(orjson.dumps(result).decode())
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--schema", required=True)
+    p.add_argument("--login-url", required=True)
+    p.add_argument("--customers", required=True, help="comma-separated")
+    p.add_argument("--mode", default="storm",
+                   choices=["storm", "refresh", "hold-before-redeem", "hold-after-rotation",
+                            "pause-before-redeem"])
+    p.add_argument("--coroutines", type=int, default=10)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--pause", type=float, default=0.0, help="seconds between a coroutine's calls")
+    p.add_argument("--timeout", type=float, default=1.2)
+    p.add_argument("--lease-ttl", type=float, default=4.0)
+    p.add_argument("--pool-size", type=int, default=5)
+    p.add_argument("--recovery", default="introspect")
+    p.add_argument("--grace", type=float, default=None)
+    p.add_argument("--wait-timeout", type=float, default=60.0)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse()))
