@@ -1,17 +1,19 @@
 """The stores side by side: an uncontended refresh, and a waiter's wake-up.
 
 ``python -m benchmarks.stores [--refreshes N] [--wakes N] [--quick]``. In one run,
-for the memory store, the SQLite store (a file in a temporary directory) and
-the etcd store (a local etcd started for the run):
+for the memory store, the SQLite store (a file in a temporary directory), the
+Postgres store (a throwaway local server started for the run, fsync on) and the
+etcd store (a local etcd started for the run):
 
 - **refresh**: a ``TokenManager`` refreshes one customer after a 401 (the
   in-process emulator answers the token request), one refresh at a time:
   the store calls each refresh makes, the time spent in them, and the
-  refresh's latency end to end (etcd: its round trips too).
+  refresh's latency end to end (etcd: its round trips too; Postgres: each store
+  call is one statement, one round trip).
 - **wake**: a holder (one store instance) acquires, a waiter (a second
   instance on the same data: "another process" as the store sees it; the
   memory store has only one) parks in ``wait_for_change``; the time from the
-  holder's commit returning to the waiter waking.
+  holder's commit returning to the waiter waking (Postgres: LISTEN/NOTIFY).
 - **idle cost** of the SQLite store's change poll: CPU of a process whose
   store has a subscriber and nothing happens, at two poll intervals.
 """
@@ -69,13 +71,17 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _stores(kind: str, tmp: Path, etcd: Any) -> tuple[Any, Any]:
+def _stores(kind: str, tmp: Path, etcd: Any, postgres: Any) -> tuple[Any, Any]:
     """(holder, waiter): two instances on the same data where the store has processes."""
     if kind == "memory":
         memory = MemoryStore()
         return memory, memory
     if kind == "sqlite":
         return SqliteStore(tmp / "tokens.db"), SqliteStore(tmp / "tokens.db")
+    if kind == "postgres":
+        from sfrtr.store.postgres import PostgresStore
+
+        return PostgresStore(postgres.dsn), PostgresStore(postgres.dsn)
     from sfrtr.store.etcd import EtcdStore
     from sfrtr.store.etcd_client import EtcdSettings
 
@@ -112,7 +118,9 @@ async def refreshes(kind: str, store: Any, em: Emulator, n: int) -> dict[str, An
         "store": kind, "refreshes": n,
         "store_calls_per_refresh": round(sum(calls.values()) / n, 2),
         "calls": " ".join(f"{k}:{v / n:g}" for k, v in sorted(calls.items())),
-        "etcd_round_trips_per_refresh": round(round_trips / n, 2) if kind == "etcd" else "-",
+        "round_trips_per_refresh": (round(round_trips / n, 2) if kind == "etcd" else
+                                    round(sum(calls.values()) / n, 2) if kind == "postgres"
+                                    else "-"),
         "store_ms_p50": statistics.median(in_store) * 1000,
         "refresh_ms_p50": statistics.median(latencies) * 1000,
         "refresh_ms_p95": _pct(latencies, 0.95) * 1000,
@@ -173,15 +181,17 @@ async def run(refresh_n: int, wake_n: int, idle_seconds: float) -> tuple[list[di
                                                                          list[dict[str, Any]],
                                                                          list[dict[str, Any]]]:
     from sfrtr.store.etcd_launcher import LocalEtcd
+    from tests.postgres_server import LocalPostgres
 
     refresh_rows, wake_rows, idle_rows = [], [], []
-    with LocalEtcd() as etcd, tempfile.TemporaryDirectory() as tmp:
-        for kind in ("memory", "sqlite", "etcd"):
+    with LocalEtcd() as etcd, LocalPostgres(durable=True) as postgres, \
+            tempfile.TemporaryDirectory() as tmp:
+        for kind in ("memory", "sqlite", "postgres", "etcd"):
             where = Path(tmp) / kind
             where.mkdir()
             em = Emulator(api_limit=10**9)
             async with em.serve():
-                holder, waiter = _stores(kind, where, etcd)
+                holder, waiter = _stores(kind, where, etcd, postgres)
                 try:
                     refresh_rows.append(await refreshes(kind, holder, em, refresh_n))
                     wake_rows.append(await wakes(kind, holder, waiter, wake_n))
@@ -216,7 +226,8 @@ def main() -> None:
     path = report.write("stores-quick" if args.quick else "stores", parameters, rows, notes={
         "wake": "holder and waiter are two store instances in one process (memory: the same "
                 "one); SQLite's waiter is woken by its thread's data_version poll "
-                "(poll_interval 10 ms), etcd's by its watch",
+                "(poll_interval 10 ms), Postgres's by LISTEN/NOTIFY on its listening "
+                "connection, etcd's by its watch; Postgres runs locally with fsync on",
         "refresh": "the emulator runs in the same process and event loop"})
     print(f"written to {path}")
 

@@ -63,15 +63,18 @@ from sfrtr.store import MemoryStore, SqliteStore, TokenStore
 if TYPE_CHECKING:
     from sfrtr.store.etcd import EtcdStore
     from sfrtr.store.etcd_client import EtcdSettings
+    from sfrtr.store.postgres import PostgresStore
 
 __version__ = "0.1.0"
 
-_LAZY = {"EtcdStore": "sfrtr.store.etcd", "EtcdSettings": "sfrtr.store.etcd_client"}
+_LAZY = {"EtcdStore": "sfrtr.store.etcd", "EtcdSettings": "sfrtr.store.etcd_client",
+         "PostgresStore": "sfrtr.store.postgres"}
 
 
 def __getattr__(name: str) -> Any:
-    # The etcd store needs the ``etcd`` extra (aetcd, grpcio); import it only
-    # when asked for, so ``import sfrtr`` works without it.
+    # The etcd store needs the ``etcd`` extra (aetcd, grpcio), the Postgres store the
+    # ``postgres`` extra (asyncpg); import them only when asked for, so ``import sfrtr``
+    # works without them.
     if name in _LAZY:
         import importlib
 
@@ -106,6 +109,7 @@ __all__ = [
     "OAuthConfig",
     "OAuthError",
     "OutcomeKind",
+    "PostgresStore",
     "QueryResult",
     "ReauthorizationRequired",
     "RecoveryMode",

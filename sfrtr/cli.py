@@ -1,4 +1,4 @@
-"""The ``sfrtr`` command: ``sfrtr demo``, ``sfrtr emulator``."""
+"""The ``sfrtr`` command: ``sfrtr demo``, ``sfrtr emulator``, ``sfrtr migrate``..."""
 
 from __future__ import annotations
 
@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     clear.add_argument("customer")
     clear.add_argument("--force", action="store_true",
                        help="clear even a record that is not reauth_required")
+    migrate = sub.add_parser("migrate", help="create or migrate the Postgres store's schema "
+                             "(for teams that apply DDL themselves)")
+    migrate.add_argument("--postgres", required=True, metavar="DSN",
+                         help="a libpq URL or keyword string")
+    migrate.add_argument("--schema", default="public")
+    migrate.add_argument("--prefix", default="sfrtr", help="table name prefix")
+    migrate.add_argument("--print-sql", action="store_true",
+                         help="print the SQL instead of running it")
     emu = sub.add_parser("emulator", help="serve the Salesforce emulator",
                          parents=[emulator_main.build_parser()], add_help=False)
     emu.set_defaults(command="emulator")
@@ -74,7 +82,36 @@ def main(argv: list[str] | None = None) -> int:
                                     naive=args.naive))
     if args.command in ("status", "clear"):
         return asyncio.run(_operate(args))
+    if args.command == "migrate":
+        return _migrate(args)
     emulator_main.serve(args)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from sfrtr.store.postgres_schema import Names, migration_script
+
+    try:
+        names = Names(args.schema, args.prefix)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_sql:
+        print(migration_script(names), end="")
+        return 0
+    from sfrtr.store.postgres import migrate, redact_dsn
+
+    try:
+        version = asyncio.run(migrate(args.postgres, schema=args.schema, prefix=args.prefix))
+    except (OSError, SfrtrError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # asyncpg's own errors: the class and primary message only
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
+    print(f"{redact_dsn(args.postgres)}: schema {args.schema!r} prefix {args.prefix!r} at "
+          f"version {version}")
     return 0
 
 

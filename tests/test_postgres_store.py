@@ -477,3 +477,22 @@ async def test_a_lost_presence_refuses_acquires_until_renewed(postgres_server: L
         assert store.lease_remaining(held.record.intent.lease) > 0
     finally:
         await store.aclose()
+
+
+async def test_the_migrate_command(postgres_server: LocalPostgres, pg_schema: str,
+                                   capsys: pytest.CaptureFixture[str]):
+    from sfrtr.cli import main
+
+    assert main(["migrate", "--postgres", "unused", "--schema", pg_schema, "--print-sql"]) == 0
+    script = capsys.readouterr().out
+    assert script.startswith("BEGIN;")
+    assert f'"{pg_schema}"."sfrtr_tokens"' in script
+    dsn = postgres_server.dsn.replace("sfrtr@", "sfrtr:hunter2@")
+    assert await asyncio.to_thread(main, ["migrate", "--postgres", dsn, "--schema",
+                                          pg_schema]) == 0
+    out = capsys.readouterr().out
+    assert "at version 1" in out
+    assert "hunter2" not in out
+    store = PostgresStore(postgres_server.dsn, schema=pg_schema, create_schema=False)
+    await store.put("acme", RECORD)
+    await store.aclose()
