@@ -28,7 +28,8 @@ def test_the_stores_benchmark_runs():
     assert done.returncode == 0, done.stderr[-2000:]
     with open(os.path.join(ROOT, "benchmarks", "results", "stores-quick.json")) as f:
         rows = json.load(f)["rows"]
-    assert {r["store"] for r in rows if r["kind"] == "wake"} == {"memory", "sqlite", "etcd"}
+    assert {r["store"] for r in rows if r["kind"] == "wake"} == {"memory", "sqlite", "postgres",
+                                                                 "etcd"}
 
 
 def test_the_scale_and_watcher_benchmarks_run():
