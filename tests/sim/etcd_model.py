@@ -330,6 +330,15 @@ class ModelWatchStream:
         if hook is not None and not self.pending and not self.broken and not self.closed:
             hook(self.worker, self)
 
+    def settled_watchers(self) -> dict[bytes, list[int]]:
+        """key or prefix -> the ids of the live watchers on it the client has not
+        asked to remove."""
+        out: dict[bytes, list[int]] = {}
+        for sw in self.live.values():
+            if not sw.removing:
+                out.setdefault(sw.key, []).append(sw.watch_id)
+        return out
+
     def settled_keys(self) -> tuple[set[bytes], set[bytes]]:
         """What the live watchers cover, and what a watcher being created or removed
         covers (``(settled, unsettled)``, keys and prefixes as the watchers name them)."""

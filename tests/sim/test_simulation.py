@@ -68,7 +68,7 @@ def test_scale_small() -> None:
     """The scale mode at a small size, both mirror modes on one workload and fault list:
     no reuse, no violation, and a served worker hears a small share of what a
     namespace-mirroring worker hears (it watches only the customers it serves)."""
-    size = dict(workers=50, customers=20_000, minutes=0.5, active=0.1, seed=7)
+    size = dict(workers=40, customers=10_000, minutes=0.5, active=0.1, seed=7)  # ~4 s
     served = run_scale(ScaleConfig(mirror="served", **size), log=lambda _: None)
     namespace = run_scale(ScaleConfig(mirror="namespace", **size), log=lambda _: None)
     for result in (served, namespace):

@@ -263,16 +263,34 @@ class World:
         if not isinstance(mirror, dict):
             return
         settled, unsettled = stream.settled_keys()
+        by_key = stream.settled_watchers()
+        # Which customer the store means each watch id for (its own bookkeeping, when
+        # it shows it): a watcher the store already let go, or one it has queued but
+        # not sent yet, must not vouch for the customer.
+        owners = self._watch_owners(self.stores[worker])
+
+        def watched(key: bytes, customer: str) -> bool:
+            if key not in settled or key in unsettled:
+                return False
+            return owners is None or any(owners.get(i) == customer for i in by_key[key])
+
         for customer, m in self._entries_to_check(mirror):
             key = quote(customer, safe="").encode()
-            tok, lock = b"sim/tok/" + key, b"sim/lock/" + key
-            if tok not in settled or lock not in settled or tok in unsettled or \
-                    lock in unsettled:
+            if not (watched(b"sim/tok/" + key, customer) and
+                    watched(b"sim/lock/" + key, customer)):
                 continue
-            rescue = b"sim/rescue/" + key + b"/"
             self._compare_entry(worker, customer, m,
                                 f"its watch stream caught up at rev {self.etcd.revision}",
-                                rescues=rescue in settled and rescue not in unsettled)
+                                rescues=watched(b"sim/rescue/" + key + b"/", customer))
+
+    @staticmethod
+    def _watch_owners(store: EtcdStore) -> dict[int, str] | None:
+        """watch id -> customer, from the store's table of the watchers it keeps
+        (``_watchers``: id -> [customer, resume revision]), if it has one."""
+        table = getattr(store, "_watchers", None)
+        if not isinstance(table, dict):
+            return None
+        return {i: str(v[0]) for i, v in table.items() if isinstance(v, list | tuple) and v}
 
     def _entries_to_check(self, mirror: dict[str, Any]) -> list[tuple[str, Any]]:
         """The mirror entries a live check judges (all of them, here)."""
