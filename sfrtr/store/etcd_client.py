@@ -163,9 +163,10 @@ class StreamBroken(StoreError):
 class KeepAlive:
     """One LeaseKeepAlive stream: each :meth:`ping` is one round trip."""
 
-    def __init__(self, client: EtcdClient, call: Any) -> None:
+    def __init__(self, client: EtcdClient, call: Any, channel: Any = None) -> None:
         self._client = client
         self._call = call
+        self._channel = channel
 
     async def ping(self, lease_id: int, timeout: float) -> int | None:
         """The lease's remaining TTL as the server sees it (0: the lease is gone);
@@ -176,8 +177,10 @@ class KeepAlive:
             reply = await asyncio.wait_for(self._call.read(), timeout)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             # InvalidStateError: the call already finished (its connection was cut).
+            self._client.suspect(self._channel)
             raise StreamBroken(f"etcd keepalive broke: {type(exc).__name__}") from None
         except TimeoutError:
+            self._client.suspect(self._channel)  # a frozen member answers nothing
             raise StoreError("etcd keepalive answer timed out") from None
         if reply is grpc.aio.EOF:
             return None
@@ -197,9 +200,17 @@ class WatchStream:
     watcher on it is gone with it.
     """
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, client: EtcdClient | None = None,
+                 channel: Any = None) -> None:
         self._call = call
+        self._client = client
+        self._channel = channel
         self._write_lock = asyncio.Lock()  # grpc.aio allows one pending write per stream
+
+    def _broken(self, why: str) -> StreamBroken:
+        if self._client is not None:
+            self._client.suspect(self._channel)
+        return StreamBroken(f"etcd watch broke: {why}")
 
     async def _send(self, request: Any) -> None:
         async with self._write_lock:
@@ -207,7 +218,7 @@ class WatchStream:
                 await self._call.write(request)
             except (grpc.aio.AioRpcError, grpc.aio.UsageError,
                     asyncio.InvalidStateError) as exc:
-                raise StreamBroken(f"etcd watch broke: {type(exc).__name__}") from None
+                raise self._broken(type(exc).__name__) from None
 
     async def add(self, watch_id: int, key: bytes, range_end: bytes,
                   start_revision: int) -> None:
@@ -227,11 +238,11 @@ class WatchStream:
             try:
                 reply = await self._call.read()
             except grpc.aio.AioRpcError as exc:
-                raise StreamBroken(f"etcd watch broke: {exc.code().name}") from None
+                raise self._broken(exc.code().name) from None
             except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                raise StreamBroken(f"etcd watch broke: {type(exc).__name__}") from None
+                raise self._broken(type(exc).__name__) from None
             if reply is grpc.aio.EOF:
-                raise StreamBroken("etcd watch stream ended")
+                raise self._broken("the stream ended")
             if reply.compact_revision:
                 return reply.watch_id, WatchBatch(reply.compact_revision, compacted=True)
             if reply.canceled:
@@ -251,40 +262,87 @@ class WatchStream:
 
 
 class EtcdClient:
-    """Unary KV and lease calls, a keepalive stream and watch streams."""
+    """Unary KV and lease calls, a keepalive stream and watch streams.
+
+    One channel at a time, to one endpoint. With several endpoints it moves to
+    the next one when that one fails: at once for a unary call that finds it
+    unavailable (the call is retried there), and for the next call or stream
+    after a stream broke or an answer timed out on it (a killed member refuses,
+    a frozen one answers nothing). Leases and watches are the cluster's, not a
+    member's: moving keeps the lease, and a watch resumes from its revision.
+    """
 
     def __init__(self, settings: EtcdSettings) -> None:
         self.settings = settings
         self.round_trips = 0
         """Unary calls made (reads, Txns, lease grants); keepalive pings not included."""
         self.keepalive_pings = 0
+        self.failovers = 0
+        """Times this client moved to another endpoint."""
         self._endpoint = 0
         self._channel: grpc.aio.Channel | None = None
+        self._suspect: grpc.aio.Channel | None = None
         self._metadata: tuple[tuple[str, str], ...] | None = None
         self._kv: Any = None
         self._lease: Any = None
         self._watch: Any = None
         self._connect_lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[Any]] = set()
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint calls go to now."""
+        return self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
 
     async def connect(self) -> None:
+        """Open a channel if none is open, or move on from one a stream found failing."""
+        if self._channel is not None and self._suspect is not self._channel:
+            return
         async with self._connect_lock:
-            if self._channel is not None:
-                return
-            target = self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
-            if self.settings.tls:
-                credentials = grpc.ssl_channel_credentials(
-                    root_certificates=_read(self.settings.ca_file),
-                    private_key=_read(self.settings.key_file),
-                    certificate_chain=_read(self.settings.cert_file))
-                channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
-            else:
-                channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-            self._channel = channel
-            self._kv = rpc.KVStub(channel)
-            self._lease = rpc.LeaseStub(channel)
-            self._watch = rpc.WatchStub(channel)
-            if self.settings.username is not None:
-                await self._authenticate()
+            if self._channel is not None and self._suspect is self._channel:
+                self._move_on(self._channel)
+            if self._channel is None:
+                await self._open()
+
+    async def _open(self) -> None:
+        target = self.endpoint
+        if self.settings.tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(self.settings.ca_file),
+                private_key=_read(self.settings.key_file),
+                certificate_chain=_read(self.settings.cert_file))
+            channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = channel
+        self._kv = rpc.KVStub(channel)
+        self._lease = rpc.LeaseStub(channel)
+        self._watch = rpc.WatchStub(channel)
+        if self.settings.username is not None:
+            await self._authenticate()
+
+    def suspect(self, channel: Any) -> None:
+        """A stream on ``channel`` broke or went silent: with other endpoints to go
+        to, the next call or stream moves on (if ``channel`` is still the one in use)."""
+        if len(self.settings.endpoints) > 1 and channel is not None and \
+                channel is self._channel:
+            self._suspect = channel
+
+    def _move_on(self, failed: grpc.aio.Channel) -> None:
+        """Drop ``failed`` (if it is still the channel in use) for the next endpoint.
+        Calls still running on it get a grace to finish (a member without a leader
+        may still answer them); the next call opens the new channel."""
+        old = self._channel
+        if old is None or old is not failed:
+            return  # another call moved on already
+        self._channel = None
+        self._endpoint += 1
+        self.failovers += 1
+        log.warning("etcd: moving to endpoint %s", self.endpoint)
+        closing = old.close(grace=self.settings.timeout)
+        task = asyncio.get_running_loop().create_task(closing)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _authenticate(self) -> None:
         assert self._channel is not None
@@ -302,20 +360,21 @@ class EtcdClient:
         if self._channel is not None:
             await self._channel.close()
         self._channel = None
-
-    async def _reconnect(self, *, next_endpoint: bool) -> None:
-        old = self._channel
-        self._channel = None
-        if next_endpoint:
-            self._endpoint += 1
-        if old is not None:
-            await old.close()
-        await self.connect()
+        for task in list(self._closing):
+            with contextlib.suppress(Exception):
+                await task
 
     async def _unary(self, stub: str, method: str, request: Any) -> Any:
-        """One round trip, with one failover/re-authentication retry."""
+        """One round trip, with one failover/re-authentication retry.
+
+        UNAVAILABLE (the member is gone, or has no leader) is retried once on the
+        next endpoint; a call that timed out is not retried (it may still land),
+        but the next call goes to the next endpoint. A retried Txn may have landed
+        the first time: the protocol's compares and intent nonces make that safe.
+        """
         await self.connect()
         for attempt in (1, 2):
+            channel = self._channel
             call = getattr(getattr(self, stub), method)
             self.round_trips += 1
             try:
@@ -330,11 +389,15 @@ class EtcdClient:
                         self.settings.username is not None:
                     await self._authenticate()
                     continue
-                if attempt == 1 and code == grpc.StatusCode.UNAVAILABLE and \
-                        len(self.settings.endpoints) > 1:
-                    await self._reconnect(next_endpoint=True)
-                    continue
-                raise StoreError(f"etcd {method} failed: {code.name}") from None
+                if len(self.settings.endpoints) > 1 and channel is not None and code in (
+                        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    async with self._connect_lock:
+                        self._move_on(channel)
+                    if attempt == 1 and code == grpc.StatusCode.UNAVAILABLE:
+                        await self.connect()
+                        continue
+                raise StoreError(f"etcd {method} failed: {code.name} {details}".rstrip()
+                                 ) from None
         raise AssertionError("unreachable")
 
     # -- KV ------------------------------------------------------------------
@@ -405,15 +468,15 @@ class EtcdClient:
     async def keepalive(self) -> KeepAlive:
         """A LeaseKeepAlive stream; close it when done."""
         await self.connect()
-        return KeepAlive(self, self._lease.LeaseKeepAlive(metadata=self._metadata))
+        return KeepAlive(self, self._lease.LeaseKeepAlive(metadata=self._metadata),
+                         self._channel)
 
     # -- watch ---------------------------------------------------------------
 
     async def watch_stream(self) -> WatchStream:
         """One Watch stream carrying many watchers (the per-customer mirror's)."""
         await self.connect()
-        return WatchStream(self._watch.Watch(metadata=self._metadata))
-
+        return WatchStream(self._watch.Watch(metadata=self._metadata), self, self._channel)
 
     async def watch_prefix(self, prefix: bytes, start_revision: int
                            ) -> AsyncIterator[WatchBatch]:
@@ -423,6 +486,7 @@ class EtcdClient:
         ``compacted`` batch and ends if the history was compacted away.
         """
         await self.connect()
+        channel = self._channel
         call = self._watch.Watch(metadata=self._metadata)
         try:
             await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
@@ -430,16 +494,20 @@ class EtcdClient:
                 progress_notify=True)))
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             call.cancel()
+            self.suspect(channel)
             raise StreamBroken(f"etcd watch broke: {type(exc).__name__}") from None
         try:
             while True:
                 try:
                     reply = await call.read()
                 except grpc.aio.AioRpcError as exc:
+                    self.suspect(channel)
                     raise StreamBroken(f"etcd watch broke: {exc.code().name}") from None
                 except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                    self.suspect(channel)
                     raise StreamBroken(f"etcd watch broke: {type(exc).__name__}") from None
                 if reply is grpc.aio.EOF:
+                    self.suspect(channel)
                     raise StoreError("etcd watch stream ended")
                 if reply.compact_revision:
                     yield WatchBatch(reply.compact_revision, compacted=True)
