@@ -23,7 +23,7 @@ from aetcd import rpc
 from sfrtr import LeaseLost, RefreshPolicy, Status, TokenManager
 from sfrtr.emulator import Emulator
 from sfrtr.store.etcd import EtcdStore
-from sfrtr.store.etcd_client import EtcdClient, EtcdSettings, WatchStream, put
+from sfrtr.store.etcd_client import EtcdClient, EtcdSettings, StreamBroken, WatchStream, put
 from sfrtr.store.etcd_launcher import LocalEtcd, find_etcd, find_production_etcd
 from tests.conftest import emulator_grant, emulator_oauth
 
@@ -217,3 +217,25 @@ async def test_a_refresh_and_a_woken_waiter_on_both_mirrors(server: LocalEtcd,
         for m in managers:
             await m.aclose()
 
+
+
+async def test_streams_whose_channel_is_closed_break_instead_of_cancelling(
+        server: LocalEtcd):
+    """grpc.aio raises CancelledError in whoever awaits a stream whose channel was
+    closed (a failover closes the old one): the adapter turns it into StreamBroken,
+    or the store's watch loop, which restarts on errors, would die silently."""
+    c = EtcdClient(EtcdSettings(endpoints=[server.endpoint]))
+    await c.connect()
+    stream = await c.watch_stream()
+    await stream.add(1, key("a"), b"", 0)
+    prefix = c.watch_prefix(key("p"), 0)
+    first = asyncio.ensure_future(prefix.__anext__())
+    await asyncio.sleep(0.2)
+    assert c._channel is not None
+    await c._channel.close()
+    with pytest.raises(StreamBroken):
+        await read_one(stream)
+    with pytest.raises(StreamBroken):
+        await first
+    await prefix.aclose()
+    await c.close()

@@ -155,6 +155,14 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
+def _call_cancelled() -> bool:
+    """Whether a CancelledError just caught came from the gRPC call (its channel was
+    closed under it: grpc.aio raises CancelledError then) rather than from a
+    cancellation of the task awaiting it, which must propagate."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 class StreamBroken(StoreError):
     """A stream failed (not merely a slow answer): its connection may be gone, and
     other streams on it with it, silently."""
@@ -182,6 +190,10 @@ class KeepAlive:
         except TimeoutError:
             self._client.suspect(self._channel)  # a frozen member answers nothing
             raise StoreError("etcd keepalive answer timed out") from None
+        except asyncio.CancelledError:
+            if _call_cancelled():
+                raise StreamBroken("etcd keepalive broke: its channel was closed") from None
+            raise
         if reply is grpc.aio.EOF:
             return None
         return int(reply.TTL)
@@ -219,6 +231,10 @@ class WatchStream:
             except (grpc.aio.AioRpcError, grpc.aio.UsageError,
                     asyncio.InvalidStateError) as exc:
                 raise self._broken(type(exc).__name__) from None
+            except asyncio.CancelledError:
+                if _call_cancelled():
+                    raise self._broken("its channel was closed") from None
+                raise
 
     async def add(self, watch_id: int, key: bytes, range_end: bytes,
                   start_revision: int) -> None:
@@ -241,6 +257,10 @@ class WatchStream:
                 raise self._broken(exc.code().name) from None
             except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
                 raise self._broken(type(exc).__name__) from None
+            except asyncio.CancelledError:
+                if _call_cancelled():
+                    raise self._broken("its channel was closed") from None
+                raise
             if reply is grpc.aio.EOF:
                 raise self._broken("the stream ended")
             if reply.compact_revision:
@@ -380,6 +400,15 @@ class EtcdClient:
             try:
                 return await call(request, timeout=self.settings.timeout,
                                   metadata=self._metadata)
+            except asyncio.CancelledError:
+                if not _call_cancelled():
+                    raise
+                # Its channel was closed under it (another call moved on): the call
+                # may have landed, as after UNAVAILABLE; retry once on the new channel.
+                if attempt == 1:
+                    await self.connect()
+                    continue
+                raise StoreError(f"etcd {method} failed: its channel was closed") from None
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 details = exc.details() or ""
@@ -496,6 +525,11 @@ class EtcdClient:
             call.cancel()
             self.suspect(channel)
             raise StreamBroken(f"etcd watch broke: {type(exc).__name__}") from None
+        except asyncio.CancelledError:
+            call.cancel()
+            if _call_cancelled():
+                raise StreamBroken("etcd watch broke: its channel was closed") from None
+            raise
         try:
             while True:
                 try:
@@ -506,6 +540,10 @@ class EtcdClient:
                 except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
                     self.suspect(channel)
                     raise StreamBroken(f"etcd watch broke: {type(exc).__name__}") from None
+                except asyncio.CancelledError:
+                    if _call_cancelled():
+                        raise StreamBroken("etcd watch broke: its channel was closed") from None
+                    raise
                 if reply is grpc.aio.EOF:
                     self.suspect(channel)
                     raise StoreError("etcd watch stream ended")
