@@ -1,5 +1,5 @@
-"""A reproduction, for whoever owns ``sfrtr/store/etcd.py`` (issue 18's cluster
-storm found it; it is not fixed here).
+"""A regression test (issue 18's cluster storm found it; fixed in ``read()``, which
+answers with etcd's own answer when the mirror moved past it without a record).
 
 Namespace mirror: ``read()`` of an existing customer answers ``None`` (the
 manager raises ``NotConnected``) when a resync replaces the mirror between the
@@ -31,8 +31,6 @@ RECORD = TokenRecord(access_token=Secret("at-1"), refresh_token=Secret("rt-1"),
                      expires_at=time.time() + 3600)
 
 
-@pytest.mark.xfail(reason="etcd.py: read() answers None when a resync lands during it",
-                   strict=False)
 async def test_a_read_racing_a_resync_still_sees_the_customer(etcd_server: LocalEtcd,
                                                              namespace: str):
     settings = EtcdSettings(endpoints=[etcd_server.endpoint])

@@ -721,7 +721,16 @@ class EtcdStore:
             return self._view(m)
         revision, tok, lock = await self.client.get_pair(self._tok(customer),
                                                          self._lock(customer))
-        return self._view(self._observe(customer, revision, tok, lock))
+        m = self._observe(customer, revision, tok, lock)
+        if m.record is None and m.version and tok:
+            # The mirror moved past this read while it was under way (a resync, whose
+            # entries carry no record, or events of a customer not used before) and
+            # does not have the newer record: answer with what etcd said at the read's
+            # revision, stale at worst, stamped with that revision so a waiter on it
+            # wakes for the newer state at once.
+            return Versioned(_decode(tok[0].value), tok[0].mod_revision, bool(lock),
+                             stamp=revision, rescued=m.rescues is not None)
+        return self._view(m)
 
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
         await self._use(customer)
