@@ -56,3 +56,12 @@ def scale(session: nox.Session) -> None:
                 env={"SFRTR_SCALE_CUSTOMERS": "100000"})
     session.run("python", "-m", "benchmarks.scale", *session.posargs)
     session.run("python", "-m", "benchmarks.watchers")
+
+
+@nox.session
+def cluster(session: nox.Session) -> None:
+    """Every three-member etcd cluster scenario (leader kill, paused follower, the
+    connected member killed, quorum lost), on a production-recommended etcd."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_etcd_cluster.py", "tests/test_etcd_versions.py", "-s",
+                *session.posargs, env={"SFRTR_CLUSTER_MATRIX": "1"})
