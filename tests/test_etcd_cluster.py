@@ -42,10 +42,6 @@ matrix = pytest.mark.skipif(not os.environ.get("SFRTR_CLUSTER_MATRIX"),
 # Failures a worker may see while the cluster has no leader or no quorum, and only
 # for that reason (a refresh is refused before the provider is called).
 OUTAGE_FAILURES = {"StoreError", "CoordinationTimeout", "LeaseLost"}
-# A known bug of sfrtr/store/etcd.py, tolerated (and counted) here: a namespace-mirror
-# read that races a resync answers None for an existing customer, which the manager
-# reports as NotConnected. Reproduced in tests/test_etcd_read_resync_race.py.
-KNOWN_BUG_FAILURES = {"NotConnected"}
 
 
 async def start_worker(endpoints: list[str], em: Emulator, namespace: str,
@@ -184,7 +180,7 @@ async def run_storm(emulator: Emulator, cluster: LocalEtcdCluster,
     assert [dict(w) for w in per_wave if set(w.values()) != {1}] == []
     assert ledger["redemptions"] == customers * len(storm.waves)
     assert sum(r["redemptions"] for r in results) == ledger["redemptions"]
-    assert set(failures) <= OUTAGE_FAILURES | KNOWN_BUG_FAILURES, failures
+    assert set(failures) <= OUTAGE_FAILURES, failures
     # Coarse: nine busy processes and three etcd members share two cores.
     assert max(stalls) < 2.0
     return figures
