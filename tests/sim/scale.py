@@ -403,7 +403,9 @@ def run_scale(scale: ScaleConfig, *, log: Callable[[str], None] = print) -> Scal
         delivered, committed = world.at_traffic_end
         per_worker = [delivered.get(w.name, 0) / traffic for w in world.workers]
         mirror_end = [len(getattr(w.store, "_mirror", ())) for w in world.workers]
-        peaks = [world.mirror_peak.get(w.name, 0) for w in world.workers]
+        # Sampled every 10 virtual seconds, and at the end (after the settle phase).
+        peaks = [max(world.mirror_peak.get(w.name, 0), end)
+                 for w, end in zip(world.workers, mirror_end, strict=True)]
         result = ScaleResult(
             config={"workers": scale.workers, "customers": scale.customers,
                     "mirror": scale.mirror, "active_customers":
@@ -468,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--active", type=float, default=None,
                         help="share of customers that make calls (default 0.05)")
+    parser.add_argument("--idle-after", type=float, default=60.0)
+    parser.add_argument("--route", type=int, default=3, help="workers per customer")
+    parser.add_argument("--period", type=float, default=20.0,
+                        help="mean seconds between two calls of an active customer")
+    parser.add_argument("--session", type=float, default=600.0,
+                        help="session lifetime, seconds")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None,
                         help=f"where to write the figures (standard runs: {RESULTS})")
@@ -475,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.workers is not None or opts.customers is not None:
         runs = [ScaleConfig(workers=opts.workers or 100, customers=opts.customers or 100_000,
                             mirror=opts.mirror, minutes=opts.minutes, seed=opts.seed,
-                            active=opts.active if opts.active is not None else 0.05)]
+                            active=opts.active if opts.active is not None else 0.05,
+                            idle_after=opts.idle_after, route=opts.route,
+                            period=opts.period, session=opts.session)]
         out = opts.json
     else:
         runs = standard_runs(opts.minutes, opts.seed)
