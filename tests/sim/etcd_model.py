@@ -302,6 +302,10 @@ class ModelWatchStream:
         self._remove(watch_id)
 
     async def read(self) -> tuple[int, WatchBatch]:
+        # Every reply is a separate read on a real stream: other tasks run between two
+        # replies even when both are already there (a waiter can look at the mirror
+        # between a Txn's record reply and its lock reply).
+        await asyncio.sleep(0)
         while True:
             self._check()
             now = self.loop.time()
@@ -362,6 +366,9 @@ class EtcdModel:
         self.loop = loop
         self.rng = rng
         self.watch_rng = watch_rng or random.Random(0)
+        self.reply_rng = random.Random(hash(self.watch_rng.getstate()))
+        """Orders the replies of one revision to one stream's watchers (its own
+        generator, so drawing from it leaves every other draw of a schedule as it was)."""
         """Draws watch-creation latencies (a stream of its own)."""
         self.on_caught_up: Callable[[str, int], None] | None = None
         self.trace = trace
@@ -371,6 +378,8 @@ class EtcdModel:
         self.keys: dict[bytes, _Key] = {}
         self._sorted: list[bytes] = []
         self.history: list[tuple[int, list[WatchEvent]]] = []
+        self.commit_at: dict[int, float] = {}
+        """Revision -> the virtual time it was committed (for the wake-up check)."""
         self.leases: dict[int, float] = {}
         """lease -> virtual deadline."""
         self.ttls: dict[int, int] = {}
@@ -572,6 +581,7 @@ class EtcdModel:
         self.revision = rev
         self.events_committed += len(events)
         self.history.append((rev, events))
+        self.commit_at[rev] = self.loop.time()
         now = self.loop.time()
         for w in self.watchers:
             mine = [e for e in events if w.prefix <= e.kv.key < w.end]
@@ -582,9 +592,19 @@ class EtcdModel:
             for e in events:
                 for sw in self._stream_watchers_of(e.kv.key):
                     hits.setdefault(sw, []).append(e)
-            for sw, mine in hits.items():
+            # One Txn's events reach a stream as one reply per watcher, and etcd sends
+            # those replies in no promised order (a served customer's record and lock
+            # watchers see an acquire or a commit as two replies): shuffle them.
+            # Each is its own message: a little apart, so the worker's other tasks
+            # can run between them.
+            replies = list(hits.items())
+            self.reply_rng.shuffle(replies)
+            gap: dict[ModelWatchStream, float] = {}
+            for sw, mine in replies:
                 st = sw.stream
-                st.push(now + self.faults.lag(st.worker, now), sw.watch_id, WatchBatch(rev, mine))
+                gap[st] = gap.get(st, -0.0005) + 0.0005 + self.reply_rng.random() * 0.002
+                st.push(now + self.faults.lag(st.worker, now) + gap[st], sw.watch_id,
+                        WatchBatch(rev, mine))
 
     def _stream_watchers_of(self, key: bytes) -> list[_StreamWatcher]:
         found = list(self._by_key.get(key, ()))

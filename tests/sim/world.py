@@ -36,6 +36,7 @@ from sfrtr.oauth.instance_url import InstanceUrlPolicy
 from sfrtr.policy import RefreshPolicy
 from sfrtr.secret import Secret, fingerprint
 from sfrtr.store.etcd import EtcdStore
+from sfrtr.store.etcd_client import prefix_end
 
 from .clock import FakeTime, SimLoop, Spin, in_worker
 from .etcd_model import EtcdModel, ModelClient, ModelWatchStream
@@ -109,6 +110,16 @@ class World:
         self.stores = {w.name: w.store for w in self.workers}
         self._install_fault_windows()
         self._install_checks()
+        self.pauses: list[tuple[str, float, float]] = []
+        """(worker, from, until) of every pause, planned or triggered."""
+        pause = self.loop.pause
+
+        def record_pause(worker: str, until: float) -> None:
+            self.pauses.append((worker, self.loop.time(), until))
+            pause(worker, until)
+        self.loop.pause = record_pause  # type: ignore[method-assign]
+        for w in self.workers:
+            self._check_waits(w)
 
     # -- building -------------------------------------------------------------------
 
@@ -235,6 +246,56 @@ class World:
             self._violation(f"lease: {worker} sent refresh {fp} of {customer} at t={now:.3f} "
                             f"with {left:.2f}s left on its lock's lease (a request takes "
                             f"up to {self.cfg.exchange_limit():.2f}s, plus the lease margin)")
+
+    #: Kinds of fault that can legitimately hold a worker's watch events back.
+    _WATCH_FAULTS = frozenset({"pause", "kill", "etcd_down", "etcd_lost", "etcd_dup",
+                               "watch_lag", "watch_break", "compact", "partition",
+                               "acquire_lost", "pause_rotated"})
+    #: How long after a change a waiter must have woken: the watch lag, a created
+    #: reply (up to 0.55 s) and a served customer's load, with room to spare.
+    WAKE_SLACK = 2.0
+
+    def _check_waits(self, w: Worker) -> None:
+        """A waiter must wake for a change of its customer made after the state it
+        saw (the ``wait_for_change`` contract, invariant 5): a wait that times out
+        although etcd committed such a change well before, with no fault that could
+        hold the worker's watch back, slept through it (the served mirror's split
+        record/lock replies once did exactly that)."""
+        store = w.store
+        original = store.wait_for_change
+
+        async def wait_for_change(customer: str, after: int, timeout: float) -> Any:
+            result = await original(customer, after, timeout)
+            if result is None and w.name not in self.loop.killed:
+                self._judge_wait(w.name, customer, after, self.loop.time())
+            return result
+        store.wait_for_change = wait_for_change  # type: ignore[method-assign]
+
+    def _judge_wait(self, worker: str, customer: str, after: int, ended: float) -> None:
+        etcd = self.etcd
+        key = quote(customer, safe="").encode()
+        rescues = b"sim/rescue/" + key + b"/"
+        revisions = [e.kv.mod_revision
+                     for k, end in ((b"sim/tok/" + key, b""), (b"sim/lock/" + key, b""),
+                                    (rescues, prefix_end(rescues)))
+                     for e in etcd.events_since(k, end, after + 1)]
+        if not revisions:
+            return
+        first = min(revisions)
+        changed = etcd.commit_at.get(first)
+        if changed is None or changed > ended - self.WAKE_SLACK:
+            return
+        since = changed - 1.0
+        if any(f.kind in self._WATCH_FAULTS and f.at < ended and
+               (f.at + max(f.span, 0.0) > since or f.kind in ("kill", "compact"))
+               for f in self.plan.faults):
+            return
+        if any(p_worker == worker and start < ended and until > since
+               for p_worker, start, until in self.pauses):
+            return
+        self._violation(f"wake: {worker} waited on {customer} past stamp {after} until "
+                        f"t={ended:.3f} and timed out, though etcd changed it at rev "
+                        f"{first} (t={changed:.3f}) with no fault holding its watch back")
 
     def _check_mirror_live(self, worker: str, revision: int) -> None:
         """A worker whose namespace watch delivered everything up to the store's
