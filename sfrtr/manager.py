@@ -112,6 +112,11 @@ class _Section:
     sent: bool = False
     result: TokenRecord | None = None
     """Tokens the provider returned that are not stored yet."""
+    customer: str = ""
+    grants: int = 0
+    """How many times this process had stored a grant for the customer (connect,
+    disconnect) when the section began: if that moves, the grant it holds was
+    replaced under it (the put released its lock), and nothing may be sent."""
 
 
 class _Preempted(Exception):
@@ -173,6 +178,8 @@ class TokenManager:
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._settlers: set[asyncio.TimerHandle] = set()
         self._unsettled: set[str] = set()
+        self._grants: dict[str, int] = {}
+        """Customer -> grants stored or deleted by this process (see _Section.grants)."""
         self._holds: dict[str, tuple[float, float]] = {}
         """Customer -> (the record's refresh_after, local monotonic end of its backoff)."""
         self.store.subscribe(self._on_store_change)
@@ -319,6 +326,7 @@ class TokenManager:
             raise InvalidTokenResponse("a grant without a refresh token cannot be stored")
         record = protocol.grant_record(grant, lifetime=self.policy.session_lifetime,
                                        grant_id=secrets.token_hex(8))
+        self._grants[customer] = self._grants.get(customer, 0) + 1
         stored = await self.store.put(customer, record)
         self._cache_put(customer, stored.record, stored.version)
         log.info("customer %s connected (refresh %s)", customer, record.refresh_token.fingerprint)
@@ -333,6 +341,7 @@ class TokenManager:
                 await self.oauth.revoke(current.record.refresh_token)
             except OAuthError as exc:
                 log.info("revoke for %s refused (%s); deleting anyway", customer, exc.error)
+        self._grants[customer] = self._grants.get(customer, 0) + 1
         await self.store.delete(customer)
         self._cache.pop(customer, None)
 
@@ -425,9 +434,14 @@ class TokenManager:
             if isinstance(step, protocol.Use):
                 if stale is not None:
                     self.stats.adopted += 1
+                # An acquire of ours whose answer was lost may still show up (the
+                # mirror may lag): if it landed, its lock holds every other worker
+                # until we reclaim it, and nobody else can. Keep looking.
+                self._retry_unstored(customer)
                 return self._cache_put(customer, step.record, step.version)
             if isinstance(step, protocol.Fail):
                 self._cache.pop(customer, None)
+                self._retry_unstored(customer)
                 raise step.error
             assert current is not None
             if isinstance(step, protocol.Wait):
@@ -561,6 +575,8 @@ class TokenManager:
         """Seconds the section can vouch for a request starting now: its own lease's
         (not whatever lease the process holds now: a re-granted one does not hold
         this lock), and the provider's reuse window when presenting inside it."""
+        if section.customer and self._grants.get(section.customer, 0) != section.grants:
+            return 0.0  # re-authorized or disconnected here since: the lock is gone
         lease = self.store.lease_remaining(section.intent.lease or None)
         left = None if lease is None else lease - self.policy.lease_margin
         if window_end is not None:
@@ -571,6 +587,7 @@ class TokenManager:
     async def _section(self, customer: str, step: protocol.Step,
                        current: Versioned) -> _Entry | None:
         intent = self._intent(current.record)
+        grants = self._grants.get(customer, 0)
         # Until the acquire's answer says otherwise, it may have landed unseen.
         pending = self._unsent.setdefault(customer, {})
         pending[intent.id] = (current.version, current.record)
@@ -586,7 +603,8 @@ class TokenManager:
         if isinstance(step, protocol.Recover | protocol.Revive):
             held = protocol.released_record(current.record)
         landed = acquired.record.intent if acquired.record.intent is not None else intent
-        section = _Section(landed, current.record, held, acquired.version)
+        section = _Section(landed, current.record, held, acquired.version,
+                           customer=customer, grants=grants)
         self._unfinished[customer] = section
         try:
             if isinstance(step, protocol.Revive):

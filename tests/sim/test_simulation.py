@@ -64,6 +64,22 @@ def test_regression_seed(seed: int, mirror: str) -> None:
         pytest.fail(report(shrink(outcome)), pytrace=False)
 
 
+#: Seeds found on the served mirror, with the idle time they were found with:
+#: 901779 (a lost acquire answer under a lagging watch left its lock held: the flight
+#: that found the stale record fresh scheduled no further look) and 904031 (a refresh
+#: sent after this process's own re-authorization had released its lock).
+SERVED_REGRESSION_SEEDS = [(901779, 20.0), (904031, 20.0)]
+
+
+@pytest.mark.parametrize(("seed", "idle_after"), SERVED_REGRESSION_SEEDS)
+def test_served_regression_seed(seed: int, idle_after: float) -> None:
+    plan = draw_plan(seed)
+    config = replace(plan.config, mirror="served", idle_after=idle_after)
+    outcome = run(seed, replace(plan, config=config))
+    if outcome.failed:
+        pytest.fail(report(shrink(outcome)), pytrace=False)
+
+
 def test_scale_small() -> None:
     """The scale mode at a small size, both mirror modes on one workload and fault list:
     no reuse, no violation, and a served worker hears a small share of what a
