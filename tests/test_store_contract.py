@@ -70,9 +70,27 @@ class Backend:
         return store
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres", "etcd"])
+STORES = ["memory", "sqlite", "postgres", "etcd", "etcd-served"]
+SHARED = [kind for kind in STORES if kind != "memory"]
+"""Stores that several processes share (a memory store is one process's alone)."""
+
+
+@pytest.fixture(params=STORES)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    kind: str = request.param
+    async for made in _backend(request, tmp_path, request.param):
+        yield made
+
+
+@pytest.fixture(params=SHARED)
+async def shared_backend(request: pytest.FixtureRequest,
+                         tmp_path: Path) -> AsyncIterator[Backend]:
+    """The contract of a store shared by processes: holders that end, answers lost."""
+    async for made in _backend(request, tmp_path, request.param):
+        yield made
+
+
+async def _backend(request: pytest.FixtureRequest, tmp_path: Path,
+                   kind: str) -> AsyncIterator[Backend]:
     if kind == "memory":
         memory = MemoryStore()
 
@@ -95,7 +113,8 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 
         def make() -> TokenStore:
             return EtcdStore(EtcdSettings(endpoints=[server.endpoint]), namespace=namespace,
-                             lease_ttl=3)
+                             lease_ttl=3,
+                             mirror="served" if kind == "etcd-served" else "namespace")
     first = make()
     await first.read("nobody")
     backend = Backend(kind, first, make, [first])
@@ -190,9 +209,8 @@ async def test_a_stale_version_never_acquires(backend: Backend):
     assert (await store.read("acme")).locked is False
 
 
-async def test_concurrent_acquires_exactly_one_wins(backend: Backend):
-    if not backend.shared:
-        pytest.skip("one process: the memory store's operations cannot interleave")
+async def test_concurrent_acquires_exactly_one_wins(shared_backend: Backend):
+    backend = shared_backend
     stores = [backend.first, await backend.other(), await backend.other()]
     for round_ in range(5):
         v = await backend.first.put("acme", RECORD.replace(generation=round_))
@@ -348,11 +366,10 @@ async def test_subscribers_see_other_processes_changes(backend: Backend):
     await changes.until(("acme", 7))
 
 
-async def test_a_closed_holder_frees_the_lock_and_leaves_its_intent(backend: Backend):
+async def test_a_closed_holder_frees_the_lock_and_leaves_its_intent(shared_backend: Backend):
     """The holder goes away mid-refresh (closed here; killed in the process tests): the
     lock reads as free, the intent stays for recovery, and a waiter wakes."""
-    if not backend.shared:
-        pytest.skip("the memory store's lock lives as long as its only process")
+    backend = shared_backend
     holder = await backend.other()
     watcher = backend.first
     v0 = await holder.put("acme", RECORD)
@@ -374,9 +391,8 @@ async def test_a_closed_holder_frees_the_lock_and_leaves_its_intent(backend: Bac
     assert took.locked
 
 
-async def test_a_retried_acquire_that_landed_is_recognised(backend: Backend):
-    if not backend.shared:
-        pytest.skip("the memory store's answers cannot be lost")
+async def test_a_retried_acquire_that_landed_is_recognised(shared_backend: Backend):
+    backend = shared_backend
     store = backend.first
     v0 = await store.put("acme", RECORD)
     first = await store.acquire("acme", v0.version, intent("w1", nonce="n-1"))
