@@ -366,7 +366,9 @@ class EtcdModel:
         self.loop = loop
         self.rng = rng
         self.watch_rng = watch_rng or random.Random(0)
-        self.reply_rng = random.Random(hash(self.watch_rng.getstate()))
+        # Seeded from the watch stream's state as text: hash() of that state is not
+        # stable across processes (it holds None, whose hash is its address on 3.11).
+        self.reply_rng = random.Random(repr(self.watch_rng.getstate()[1][:8]))
         """Orders the replies of one revision to one stream's watchers (its own
         generator, so drawing from it leaves every other draw of a schedule as it was)."""
         """Draws watch-creation latencies (a stream of its own)."""
