@@ -34,9 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--naive", action="store_true",
                       help="refresh without any coordination, to see reuse happen")
     demo.add_argument("--processes", type=_positive(int), default=None,
-                      help="run the load from this many processes on the etcd store")
+                      help="run the load from this many processes on a shared store "
+                           "(default store: SQLite, a temporary file, no server)")
+    demo.add_argument("--store", choices=("memory", "sqlite", "postgres", "etcd"), default=None,
+                      help="the store (default: memory in one process, sqlite with "
+                           "--processes; etcd with --etcd, postgres with --postgres)")
     demo.add_argument("--etcd", metavar="HOST:PORT", default=None,
-                      help="etcd to use with --processes (default: start a local one)")
+                      help="etcd for --store etcd (default: start a local one)")
+    demo.add_argument("--postgres", metavar="DSN", default=None,
+                      help="Postgres for --store postgres (the demo creates a schema of its "
+                           "own there and drops it at the end)")
     etcd_options = argparse.ArgumentParser(add_help=False)
     etcd_options.add_argument("--etcd", action="append", required=True, metavar="HOST:PORT",
                               help="an etcd endpoint (repeat for several)")
@@ -66,17 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
-    if args.command == "demo" and args.processes:
-        if args.naive:
-            build_parser().error("--naive runs in one process; drop --processes")
-        from sfrtr.demo_processes import run_processes
-
-        figures = asyncio.run(run_processes(
-            DemoConfig(customers=args.customers, concurrency=args.concurrency,
-                       duration=args.duration, expire_every=args.expire_every),
-            args.processes, args.etcd))
-        return 0 if figures["reuse"] == 0 and figures["revocations"] == 0 else 1
     if args.command == "demo":
+        store = _demo_store(args)
+        if store is None:
+            return 2
+        if store != "memory":
+            return _demo_processes(args, store)
         return main_demo(DemoConfig(customers=args.customers, concurrency=args.concurrency,
                                     duration=args.duration, expire_every=args.expire_every,
                                     naive=args.naive))
@@ -86,6 +88,48 @@ def main(argv: list[str] | None = None) -> int:
         return _migrate(args)
     emulator_main.serve(args)
     return 0
+
+
+def _demo_store(args: argparse.Namespace) -> str | None:
+    """The demo's store, or ``None`` after printing (one line) why the options conflict."""
+    store = args.store
+    if store is None:
+        store = ("etcd" if args.etcd else "postgres" if args.postgres else
+                 "sqlite" if args.processes else "memory")
+    problem = None
+    if args.naive and (args.processes or store != "memory"):
+        problem = "--naive uses no store and runs in one process; drop --processes and --store"
+    elif store == "memory" and (args.processes or 1) > 1:
+        problem = ("the memory store lives in one process and cannot be shared: with "
+                   "--processes use --store sqlite (no server) or --store etcd")
+    elif store == "postgres" and not args.postgres:
+        problem = "--store postgres needs --postgres DSN (a database the demo may create a " \
+                  "schema in)"
+    elif args.etcd and store != "etcd":
+        problem = f"--etcd is for --store etcd, not --store {store}"
+    elif args.postgres and store != "postgres":
+        problem = f"--postgres is for --store postgres, not --store {store}"
+    if problem is not None:
+        print(f"sfrtr demo: error: {problem}", file=sys.stderr)
+        return None
+    return str(store)
+
+
+def _demo_processes(args: argparse.Namespace, store: str) -> int:
+    from sfrtr.demo_processes import run_processes
+
+    config = DemoConfig(customers=args.customers, concurrency=args.concurrency,
+                        duration=args.duration, expire_every=args.expire_every)
+    try:
+        figures = asyncio.run(run_processes(config, args.processes or 1, args.etcd,
+                                            store=store, postgres=args.postgres))
+    except Exception as exc:  # asyncpg's own errors too: the class and primary message only
+        if args.verbose:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"sfrtr demo: error: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
+    return 0 if figures["reuse"] == 0 and figures["revocations"] == 0 else 1
 
 
 def _migrate(args: argparse.Namespace) -> int:

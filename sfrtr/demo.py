@@ -114,6 +114,9 @@ async def _worker(http: aiohttp.ClientSession, tokens: TokenManager | _NaiveToke
 async def run_demo(config: DemoConfig, *, out: Callable[[str], object] = print
                    ) -> dict[str, float]:
     """Run the storm; returns the figures of the final table."""
+    out("store: none (naive: whoever sees a 401 refreshes)" if config.naive else
+        "store: the memory store, one process (--processes P runs P processes on the SQLite "
+        "store; --store picks another)")
     emulator = Emulator()
     emulator.faults.set("token", latency=config.token_latency)
     monitor = LoopStallMonitor()
@@ -150,7 +153,8 @@ async def run_demo(config: DemoConfig, *, out: Callable[[str], object] = print
     figures = _figures(tally, emulator, expiries, elapsed)
     # One process serves the emulator and runs every caller: its loop is the fleet's.
     figures["max loop stall ms"] = 1000 * monitor.max_stall
-    _report(out, "naive (no lock)" if config.naive else "sfrtr", config, figures, tally)
+    _report(out, "naive (no lock)" if config.naive else "sfrtr on the memory store", config,
+            figures, tally)
     return figures
 
 
