@@ -146,6 +146,8 @@ class EtcdStore:
         self._lease_ready = asyncio.Event()
         self._mirror: dict[str, _Mirror] = {}
         self._waiters: dict[str, asyncio.Event] = {}
+        self._in_use: set[str] = set()
+        """Customers marked used (``_Mirror.used``): what the idle sweep walks."""
         self._waiting: dict[str, int] = {}
         """Customer -> calls of wait_for_change under way (a waited-on customer is
         never let go)."""
@@ -605,10 +607,18 @@ class EtcdStore:
 
     def _let_go_idle(self, before: float) -> None:
         served = self.mirror == "served"
-        for customer, m in list(self._mirror.items()):
-            if m.used >= before or (not m.used and not served) or \
-                    customer in self._waiting or customer in self._loading:
+        # The namespace mirror holds every customer of the fleet: walk only the ones
+        # this process uses (a walk of 100,000 entries would stall the loop).
+        names = list(self._mirror) if served else list(self._in_use)
+        for customer in names:
+            m = self._mirror.get(customer)
+            if m is None or not m.used:
+                self._in_use.discard(customer)
+                if m is None or not served:
+                    continue
+            if m.used >= before or customer in self._waiting or customer in self._loading:
                 continue
+            self._in_use.discard(customer)
             m.used, m.record = 0.0, None
             if served:
                 self._unfollow(customer)
@@ -709,6 +719,7 @@ class EtcdStore:
         if m is None:
             m = self._mirror[customer] = _Mirror()
         m.used = time.monotonic()
+        self._in_use.add(customer)
         return m
 
     # -- TokenStore --------------------------------------------------------------
@@ -744,6 +755,7 @@ class EtcdStore:
 
     def _mark_used(self, customer: str) -> None:
         self._mirror.setdefault(customer, _Mirror()).used = time.monotonic()
+        self._in_use.add(customer)
 
     async def acquire(self, customer: str, expected_version: int,
                       intent: Intent) -> Versioned | None:
