@@ -33,7 +33,8 @@ def main() -> None:
     xp = {"processes": (1, 2) if quick else (1, 2, 4, 8), "coroutines": 5 if quick else 50,
           "customers": 3 if quick else 20}
     rows = asyncio.run(cross_process.run(**xp))
-    print(report.table("Cross-process storm on etcd (and an in-process lock only)", rows), "\n")
+    print(report.table("Cross-process storm per store (memory: one process only), and "
+                       "the anti-patterns", rows), "\n")
     report.write("cross_process", xp, rows)
     png = chart.storm_chart(rows, report.RESULTS / "storm.png")
     print(f"chart: {png}" if png else "chart skipped: pip install 'sfrtr[plot]'", "\n")

@@ -1,12 +1,15 @@
-"""Cross-process storm on a real etcd, and the in-process-lock anti-pattern beside it.
+"""Cross-process storm per store, and the in-process-lock anti-patterns beside it.
 
 P worker processes x C coroutines x K customers. Every session expires at
 once; then every coroutine of every process reports a 401 for every
-customer. sfrtr must redeem exactly K refresh tokens. Beside it, under the
-same load: "local-lock" (an in-process singleflight alone: each process has
-its own memory store with the same grants), "no-lock" (every coroutine that
-sees a 401 redeems), and "setnx-ttl" (a set-if-absent lock with a 1 s TTL and
-no fencing, under a 1.5 s provider: the lock expires mid-call).
+customer. sfrtr must redeem exactly K refresh tokens, on every store:
+``sfrtr/memory`` (one process only: it cannot be shared), ``sfrtr/sqlite`` (a
+file in a temporary directory), ``sfrtr/postgres`` (a throwaway local server,
+fsync on) and ``sfrtr/etcd`` (a local etcd), each at every P. Beside them,
+under the same load: "local-lock" (an in-process singleflight alone: each
+process has its own memory store with the same grants), "no-lock" (every
+coroutine that sees a 401 redeems), and "setnx-ttl" (a set-if-absent lock with
+a 1 s TTL and no fencing, under a 1.5 s provider: the lock expires mid-call).
 
 Workers: ``python -m benchmarks.cross_process --worker ...``.
 """
@@ -16,12 +19,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
 
+from benchmarks.stores import Counting
 from sfrtr import (
     MemoryStore,
     OAuthClient,
@@ -29,12 +35,15 @@ from sfrtr import (
     SfrtrError,
     TokenManager,
 )
+from sfrtr.demo_processes import DemoStore
 from sfrtr.emulator import Emulator
 from sfrtr.emulator.sdk import oauth_config, token_grant
 from sfrtr.records import TokenRecord
 from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdClient, EtcdSettings, compare, delete, put
 from sfrtr.store.etcd_launcher import LocalEtcd
+
+STORES = ("memory", "sqlite", "postgres", "etcd")
 
 
 def _oauth(login_url: str) -> OAuthClient:
@@ -120,55 +129,73 @@ async def _work(args: argparse.Namespace) -> None:
         print(orjson.dumps({"wall": wall, "failed": failed, "round_trips": 0}).decode(),
               flush=True)
         return
-    if args.variant == "sfrtr":
-        store: Any = EtcdStore(EtcdSettings(endpoints=[args.etcd]), namespace=args.namespace)
-    else:
-        store = MemoryStore()
-    manager = TokenManager(_oauth(args.login_url), store, RefreshPolicy(busy_backoff=0.05))
-    if args.variant == "local-lock":
+    shared = args.variant == "sfrtr" and args.store != "memory"
+    store: Any = (DemoStore(args.store, args.where, args.namespace).open() if shared
+                  else MemoryStore())
+    counting = Counting(store)
+    manager = TokenManager(_oauth(args.login_url), counting,  # type: ignore[arg-type]
+                           RefreshPolicy(busy_backoff=0.05))
+    if not shared:
         for line in sys.stdin.readline().split("\t"):
             name, _, raw = line.partition(" ")
             await store.put(name, TokenRecord.from_dict(orjson.loads(raw)))
     stale = {c: await manager.token(c) for c in customers}
     print("READY", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # GO
-    trips0 = getattr(store, "client", None) and store.client.round_trips
+    etcd = args.variant == "sfrtr" and args.store == "etcd"
+    trips0 = store.client.round_trips if etcd else 0
+    counting.calls.clear()
     started = time.perf_counter()
     results = await asyncio.gather(*(manager.refresh(c, stale=stale[c]) for c in customers
                                      for _ in range(args.coroutines)), return_exceptions=True)
     wall = time.perf_counter() - started
     failed = sum(isinstance(r, SfrtrError) for r in results)
-    trips = (store.client.round_trips - trips0) if args.variant == "sfrtr" else 0
+    trips = (store.client.round_trips - trips0) if etcd else 0
+    calls = sum(counting.calls.values())
     await manager.aclose()
-    print(orjson.dumps({"wall": wall, "failed": failed, "round_trips": trips}).decode(),
-          flush=True)
+    print(orjson.dumps({"wall": wall, "failed": failed, "round_trips": trips,
+                        "store_calls": calls}).decode(), flush=True)
 
 
 async def one(variant: str, processes: int, coroutines: int, customers: int,
-              etcd: LocalEtcd) -> dict[str, Any]:
+              etcd: LocalEtcd, store: str = "etcd", postgres: Any = None,
+              tmp: Path | None = None) -> dict[str, Any]:
+    """One storm. ``variant`` "sfrtr" runs on ``store``; the others seed their own state
+    (from records connected on etcd, where "setnx-ttl" keeps its lock and tokens)."""
     em = Emulator(api_limit=10**9)
     # The set-if-absent lock is shown under a slow provider, longer than its TTL.
     em.faults.set("token", latency=1.5 if variant == "setnx-ttl" else 0.05)
-    namespace = f"bench/{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    shared = None
+    if variant == "sfrtr" and store == "sqlite":
+        assert tmp is not None
+        shared = DemoStore("sqlite", str(tmp / f"storm-{tag}.db"))
+    elif variant == "sfrtr" and store == "postgres":
+        shared = DemoStore("postgres", postgres.dsn, f"bench_{tag}")
+    elif variant == "sfrtr" and store == "etcd":
+        shared = DemoStore("etcd", etcd.endpoint, f"bench/{tag}")
+    namespace = shared.namespace if shared is not None else f"bench/{tag}"
+    where = shared.where if shared is not None else etcd.endpoint
     names = [f"c{i}" for i in range(customers)]
     async with em.serve() as base:
         seed_lines = []
-        setup = TokenManager(_oauth(base), EtcdStore(EtcdSettings(endpoints=[etcd.endpoint]),
-                                                     namespace=namespace))
+        setup = TokenManager(_oauth(base), shared.open() if shared is not None else EtcdStore(
+            EtcdSettings(endpoints=[etcd.endpoint]), namespace=namespace))
         for c in names:
             record = await setup.connect(c, token_grant(em, c))
             seed_lines.append(f"{c} {orjson.dumps(record.to_dict()).decode()}")
         await setup.aclose()
         workers = [await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.cross_process", "--worker", "--variant", variant,
-            "--etcd", etcd.endpoint, "--namespace", namespace, "--login-url", base,
+            "--store", store, "--where", where, "--etcd", etcd.endpoint,
+            "--namespace", namespace, "--login-url", base,
             "--customers", str(customers), "--coroutines", str(coroutines),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             for _ in range(processes)]
         for w in workers:
             assert w.stdin is not None
             assert w.stdout is not None
-            if variant != "sfrtr":
+            if shared is None:
                 w.stdin.write(("\t".join(seed_lines) + "\n").encode())
             assert (await w.stdout.readline()).strip() == b"READY"
         em.expire_sessions()
@@ -184,25 +211,46 @@ async def one(variant: str, processes: int, coroutines: int, customers: int,
             await w.wait()
         wall = time.perf_counter() - started
     redemptions = em.ledger["redemptions"]
-    return {"variant": variant, "processes": processes, "coroutines": coroutines,
-            "customers": customers, "redemptions": redemptions, "reuse": em.ledger["reuse"],
-            "revocations": em.ledger["revocations"],
+    sfrtr = variant == "sfrtr"
+    return {"variant": f"sfrtr/{store}" if sfrtr else variant, "processes": processes,
+            "coroutines": coroutines, "customers": customers, "redemptions": redemptions,
+            "reuse": em.ledger["reuse"], "revocations": em.ledger["revocations"],
             "failed calls": sum(r["failed"] for r in reports), "wall ms": wall * 1000,
+            "store calls/refresh": sum(r.get("store_calls", 0) for r in reports) /
+                max(1, redemptions) if sfrtr else "-",
             "etcd round trips/refresh":
                 sum(r["round_trips"] for r in reports) / max(1, redemptions)
-                if variant == "sfrtr" else "-"}
+                if sfrtr and store == "etcd" else "-"}
 
 
 async def run(processes: tuple[int, ...] = (1, 2, 4, 8), coroutines: int = 50,
-              customers: int = 20) -> list[dict[str, Any]]:
+              customers: int = 20, stores: tuple[str, ...] = STORES) -> list[dict[str, Any]]:
+    """Every store at every P (memory at P=1 only: it is one process's), then the
+    anti-patterns at every P above 1."""
+    from tests.postgres_server import LocalPostgres
+
     rows = []
-    with LocalEtcd() as etcd:
-        for p in processes:
-            rows.append(await one("sfrtr", p, coroutines, customers, etcd))
+    with LocalEtcd() as etcd, tempfile.TemporaryDirectory(prefix="sfrtr-storm-") as tmp, \
+            (LocalPostgres(durable=True) if "postgres" in stores
+             else _Nothing()) as postgres:
+        for store in stores:
+            for p in processes:
+                if store == "memory" and p > 1:
+                    continue
+                rows.append(await one("sfrtr", p, coroutines, customers, etcd, store,
+                                      postgres, Path(tmp)))
         for variant in ("local-lock", "no-lock", "setnx-ttl"):
             for p in processes[1:]:
                 rows.append(await one(variant, p, coroutines, customers, etcd))
     return rows
+
+
+class _Nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _worker_main() -> None:
@@ -210,6 +258,8 @@ def _worker_main() -> None:
     p.add_argument("--worker", action="store_true", required=True)
     p.add_argument("--variant", choices=["sfrtr", "local-lock", "no-lock", "setnx-ttl"],
                    required=True)
+    p.add_argument("--store", choices=STORES, default="etcd")
+    p.add_argument("--where", required=True, help="the SQLite file, Postgres DSN, etcd")
     p.add_argument("--etcd", required=True)
     p.add_argument("--namespace", required=True)
     p.add_argument("--login-url", required=True)
