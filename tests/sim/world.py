@@ -271,6 +271,15 @@ class World:
             return result
         store.wait_for_change = wait_for_change  # type: ignore[method-assign]
 
+    @staticmethod
+    def _lingers(fault: Fault) -> float:
+        """How long after its start a fault can still hold a worker's watch events
+        back: its span, plus what drains after it (a lagged stream delivers in order,
+        so events queued behind the lag arrive up to half the span late; a broken
+        stream is re-made and its watchers re-created)."""
+        span = max(fault.span, 0.0)
+        return span + (span / 2 if fault.kind == "watch_lag" else 0.0) + 5.0
+
     def _judge_wait(self, worker: str, customer: str, after: int, ended: float) -> None:
         etcd = self.etcd
         key = quote(customer, safe="").encode()
@@ -287,7 +296,7 @@ class World:
             return
         since = changed - 1.0
         if any(f.kind in self._WATCH_FAULTS and f.at < ended and
-               (f.at + max(f.span, 0.0) > since or f.kind in ("kill", "compact"))
+               (f.at + self._lingers(f) > since or f.kind in ("kill", "compact"))
                for f in self.plan.faults):
             return
         if any(p_worker == worker and start < ended and until > since
