@@ -316,7 +316,31 @@ class TokenManager:
 
     def _retry_now(self, customer: str) -> None:
         del self._retries[customer]
+        if customer in self._unsent and customer not in self._unfinished:
+            # Only an acquire whose answer was lost is pending: look for it, but do
+            # not refresh (a refresh is for a caller, or the background refresher).
+            task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
+                self._look_for_unsent(customer))
+            self._background.add(task)
+            task.add_done_callback(functools.partial(self._background_done, customer))
+            return
         self._refresh_in_background(customer)
+
+    async def _look_for_unsent(self, customer: str) -> None:
+        """Our acquire's answer was lost: if it landed, its lock holds every other
+        worker and only we can release it. The store's view may lag (a slow watch),
+        so look until the record shows our intent (reclaim it) or moves past the
+        version that acquire compared against (it can never land: forget it)."""
+        current = await self.store.read(customer)
+        own = self._pending_intents(customer, current)
+        if not own:
+            return
+        shown = current.record.intent.id if current is not None and \
+            current.record.intent is not None else ""
+        if shown in own:
+            await self._fly(customer, None)  # plans a Reclaim
+            return
+        self._retry_unstored(customer)
 
     # -- grants ------------------------------------------------------------
 

@@ -46,7 +46,8 @@ def test_schedules() -> None:
 #: Seeds that found faults in the product, kept as regression cases (see
 #: docs/simulation.md for what each found).
 REGRESSION_SEEDS = [47, 666, 909, 1052, 1695, 1803, 1825, 1858, 2226, 2400, 2530, 2844,
-                    4391, 6073, 8117, 10886, 25074, 25665, 100668, 102141, 201677, 302383]
+                    4391, 6073, 8117, 10886, 25074, 25665, 100668, 102141, 201677, 302383,
+                    492447364]
 
 
 @pytest.mark.parametrize("mirror", ["namespace", "served"])
