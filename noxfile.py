@@ -10,7 +10,9 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole suite, against the emulator and a real etcd it starts itself."""
+    """The whole suite, against the emulator and the real servers it starts itself
+    (etcd, PostgreSQL; Debian's packages are installed first where absent)."""
+    session.run("bash", ".ci/install-servers", external=True)
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
 
