@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
@@ -124,3 +126,202 @@ async def test_forget_starts_a_new_call_while_old_waiters_keep_the_old_one():
     assert (await old)[0] == 1
     assert (await new)[0] == 2
     assert len(group) == 0
+
+
+# --- Bookkeeping a caller can observe (issue 19) -----------------------------------------
+
+class Payload:
+    """A result that can be weakly referenced, to see whether the group still holds it."""
+
+
+async def _settle() -> None:
+    """Let the done callbacks of finished tasks run."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_a_finished_call_leaves_nothing_behind():
+    """The manager keys flights by stale-token fingerprints: a finished call that stayed
+    in the group would keep its result (tokens) alive and the group would grow forever."""
+    group: Singleflight[str, Payload] = Singleflight()
+
+    async def make() -> Payload:
+        await asyncio.sleep(0)
+        return Payload()
+
+    gone = []
+    for key in ("a", "b", "c"):
+        value, shared = await group.do(key, make)
+        assert not shared
+        gone.append(weakref.ref(value))
+        del value
+    await _settle()
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None, None]
+
+
+class Boom(Exception):
+    """A subclass, so it can be weakly referenced."""
+
+
+async def test_a_failed_call_leaves_nothing_behind():
+    group: Singleflight[str, int] = Singleflight()
+    kept: list[weakref.ref[Exception]] = []
+
+    async def boom() -> int:
+        await asyncio.sleep(0)
+        error = Boom("nope")
+        kept.append(weakref.ref(error))
+        raise error
+
+    with pytest.raises(Boom):
+        await group.do("k", boom)
+    await _settle()
+    gc.collect()
+    assert kept[0]() is None
+
+
+async def test_a_forgotten_call_finishing_does_not_free_the_newer_call():
+    """After forget(), the old call's end must leave the new call's entry alone: a third
+    caller joins the new call instead of starting a duplicate flight."""
+    group: Singleflight[str, int] = Singleflight()
+    old_gate, new_gate = asyncio.Event(), asyncio.Event()
+    runs = 0
+
+    async def first() -> int:
+        nonlocal runs
+        runs += 1
+        await old_gate.wait()
+        return 1
+
+    async def second() -> int:
+        nonlocal runs
+        runs += 1
+        await new_gate.wait()
+        return 2
+
+    old = asyncio.create_task(group.do("k", first))
+    await asyncio.sleep(0)
+    group.forget("k")
+    new = asyncio.create_task(group.do("k", second))
+    await asyncio.sleep(0)
+    old_gate.set()
+    assert await old == (1, False)
+    await _settle()
+    assert group.in_flight("k")
+    third = asyncio.create_task(group.do("k", second))
+    await asyncio.sleep(0)
+    new_gate.set()
+    assert await new == (2, True)
+    assert await third == (2, True)
+    assert runs == 2
+
+
+async def test_len_counts_only_calls_in_flight():
+    """``TokenManager.wait_idle()`` and ``aclose()`` wait while ``len()`` is not 0."""
+    group: Singleflight[str, int] = Singleflight()
+    gate = asyncio.Event()
+
+    async def work() -> int:
+        await gate.wait()
+        return 1
+
+    assert len(group) == 0
+    tasks = [asyncio.create_task(group.do("a", work)), asyncio.create_task(group.do("a", work)),
+             asyncio.create_task(group.do("b", work))]
+    await asyncio.sleep(0)
+    assert len(group) == 2
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert len(group) == 0
+    await group.wait_idle()  # nothing in flight: returns at once
+
+
+async def test_a_caller_arriving_as_the_call_ends_starts_a_new_call():
+    """A caller woken by the call's last act runs before the call's own bookkeeping: it
+    must see the key free (no call in flight, ``len()`` 0) and get a fresh result, not
+    the finished call's."""
+    group: Singleflight[str, int] = Singleflight()
+    ending = asyncio.Event()
+    runs = 0
+    seen: list[object] = []
+
+    async def work() -> int:
+        nonlocal runs
+        runs += 1
+        ending.set()
+        return runs
+
+    async def latecomer() -> None:
+        await ending.wait()
+        seen.append((group.in_flight("k"), len(group)))
+        seen.append(await group.do("k", work))
+
+    late = asyncio.create_task(latecomer())
+    await asyncio.sleep(0)
+    assert await group.do("k", work) == (1, False)
+    await late
+    assert seen == [(False, 0), (2, False)]
+    assert runs == 2
+
+
+async def test_shared_is_true_with_exactly_two_callers():
+    group: Singleflight[str, int] = Singleflight()
+    gate = asyncio.Event()
+
+    async def work() -> int:
+        await gate.wait()
+        return 5
+
+    a = asyncio.create_task(group.do("k", work))
+    b = asyncio.create_task(group.do("k", work))
+    await asyncio.sleep(0)
+    gate.set()
+    assert await a == (5, True)
+    assert await b == (5, True)
+
+
+async def test_forget_of_an_absent_key_is_harmless():
+    group: Singleflight[str, int] = Singleflight()
+    group.forget("never")
+
+    async def one() -> int:
+        return 1
+
+    assert await group.do("never", one) == (1, False)
+    group.forget("never")
+    assert not group.in_flight("never")
+
+
+@pytest.mark.parametrize("ending", ["raises", "cancelled"])
+async def test_an_abandoned_call_ending_badly_reports_nothing_to_the_loop(ending):
+    """Every caller gave up; the call then fails (or is cancelled from within). Nobody is
+    left to see it, and the loop's exception handler must not hear of it either."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        group: Singleflight[str, int] = Singleflight()
+        gate = asyncio.Event()
+
+        async def doomed() -> int:
+            await gate.wait()
+            if ending == "raises":
+                raise RuntimeError("nobody listens")
+            raise asyncio.CancelledError
+
+        callers = [asyncio.create_task(group.do("k", doomed)) for _ in range(2)]
+        await asyncio.sleep(0)
+        for caller in callers:
+            caller.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+        gate.set()
+        await group.wait_idle()
+        await _settle()
+        del callers
+        gc.collect()
+        await _settle()
+    finally:
+        loop.set_exception_handler(previous)
+    assert reported == []
