@@ -8,6 +8,7 @@ import pytest
 
 from sfrtr import InstanceUrlPolicy, Intent, InvalidTokenResponse, Secret, Status, TokenRecord
 from sfrtr.errors import StoreError
+from sfrtr.records import Versioned
 
 
 def test_secret_never_shows_its_value():
@@ -80,3 +81,126 @@ def test_emulator_policy_admits_loopback_http_only():
         policy.validate("http://10.0.0.1:8765")
     with pytest.raises(InvalidTokenResponse):
         policy.validate("https://acme.my.salesforce.com")
+
+
+# --- What stores keep: every field, the defaults, the checks (issue 19) ------------------
+
+FULL = TokenRecord(
+    access_token=Secret("at-full"), refresh_token=Secret("rt-full"),
+    instance_url="https://x.my.salesforce.com", issued_at=10.5, expires_at=7210.5,
+    generation=4, status=Status.REFRESHING,
+    identity_url="https://login.salesforce.com/id/00D/005", scope="api refresh_token",
+    intent=Intent("worker-1", "fp-1", 11.25, lease=77, id="nonce-1", limit=12.5),
+    reason="why not", grant_id="grant-1", refresh_after=99.5, backoff=30.0)
+
+
+def test_every_field_survives_a_round_trip_through_a_store():
+    """A record a store wrote and read back is the record: the identity URL and scope
+    included (callers read them to find the user and what the grant allows)."""
+    data = FULL.to_dict()
+    back = TokenRecord.from_dict(data)
+    assert back == FULL
+    assert (back.identity_url, back.scope) == (FULL.identity_url, FULL.scope)
+    assert data == {
+        "access_token": "at-full", "refresh_token": "rt-full",
+        "instance_url": "https://x.my.salesforce.com", "issued_at": 10.5,
+        "expires_at": 7210.5, "generation": 4, "status": "refreshing",
+        "identity_url": "https://login.salesforce.com/id/00D/005",
+        "scope": "api refresh_token", "reason": "why not", "grant_id": "grant-1",
+        "refresh_after": 99.5, "backoff": 30.0,
+        "intent": {"worker": "worker-1", "refresh_fingerprint": "fp-1", "started_at": 11.25,
+                   "lease": 77, "id": "nonce-1", "limit": 12.5}}
+    assert "intent" not in FULL.replace(intent=None).to_dict()
+
+
+def test_the_stored_status_values_are_stable():
+    """Stores keep the status as text; other writers and older versions read it."""
+    assert [s.value for s in Status] == [
+        "valid", "refreshing", "indeterminate", "reauth_required", "suspended"]
+    for status in Status:
+        assert TokenRecord.from_dict(FULL.replace(status=status).to_dict()).status is status
+
+
+def test_a_record_written_without_optional_fields_reads_with_their_defaults():
+    """Records from older versions, or other writers, carry only the required keys."""
+    minimal = {"access_token": "a", "refresh_token": "r", "instance_url": "https://x",
+               "issued_at": 1, "expires_at": "2.5", "generation": "3", "status": "valid"}
+    record = TokenRecord.from_dict(minimal)
+    assert record == TokenRecord(access_token=Secret("a"), refresh_token=Secret("r"),
+                                 instance_url="https://x", issued_at=1.0, expires_at=2.5,
+                                 generation=3)
+    assert (record.identity_url, record.scope, record.reason, record.grant_id) == ("",) * 4
+    assert (record.refresh_after, record.backoff, record.intent) == (0.0, 0.0, None)
+    assert record.status is Status.VALID
+    with_intent = TokenRecord.from_dict(
+        {**minimal, "intent": {"worker": "w", "refresh_fingerprint": "f", "started_at": "4"}})
+    assert with_intent.intent == Intent("w", "f", 4.0)
+    assert with_intent.intent is not None
+    assert (with_intent.intent.lease, with_intent.intent.id, with_intent.intent.limit) \
+        == (0, "", 0.0)
+
+
+def test_defaults_of_a_new_record_and_intent():
+    record = TokenRecord(access_token=Secret("a"), refresh_token=Secret("r"),
+                         instance_url="https://x", issued_at=1.0, expires_at=2.0)
+    assert record.to_dict() == {
+        "access_token": "a", "refresh_token": "r", "instance_url": "https://x",
+        "issued_at": 1.0, "expires_at": 2.0, "generation": 0, "status": "valid",
+        "identity_url": "", "scope": "", "reason": "", "grant_id": "",
+        "refresh_after": 0.0, "backoff": 0.0}
+    intent = Intent("w", "f", 1.0)
+    assert (intent.lease, intent.id, intent.limit) == (0, "", 0.0)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("instance_url", 5), ("identity_url", 5), ("scope", ["api"]), ("reason", None),
+    ("grant_id", 7), ("issued_at", "soon"), ("expires_at", None), ("generation", None),
+    ("refresh_after", "later"), ("backoff", []), ("refresh_token", None),
+])
+def test_a_field_of_the_wrong_type_is_a_store_error(key, value):
+    with pytest.raises(StoreError, match="malformed token record"):
+        TokenRecord.from_dict({**FULL.to_dict(), key: value})
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("worker", 1), ("refresh_fingerprint", None), ("started_at", "x"), ("lease", "x"),
+    ("id", 3), ("limit", "x"),
+])
+def test_an_intent_field_of_the_wrong_type_is_a_store_error(key, value):
+    data = FULL.to_dict()
+    with pytest.raises(StoreError, match="malformed token record"):
+        TokenRecord.from_dict({**data, "intent": {**data["intent"], key: value}})
+
+
+@pytest.mark.parametrize("missing", ["access_token", "refresh_token", "instance_url",
+                                     "issued_at", "expires_at", "generation", "status"])
+def test_a_record_missing_a_required_field_is_a_store_error(missing):
+    data = FULL.to_dict()
+    del data[missing]
+    with pytest.raises(StoreError, match=r"malformed token record in store \(KeyError\)"):
+        TokenRecord.from_dict(data)
+
+
+@pytest.mark.parametrize(("broken", "cause"), [
+    ({**RECORD.to_dict(), "intent": []}, "TypeError"),
+    ({**RECORD.to_dict(), "intent": "w"}, "TypeError"),
+    ({**RECORD.to_dict(), "status": "zombie"}, "ValueError"),
+    ("not a mapping", "AttributeError"),
+])
+def test_a_store_error_names_the_kind_of_damage(broken, cause):
+    with pytest.raises(StoreError, match=rf"\({cause}\)") as info:
+        TokenRecord.from_dict(broken)
+    assert info.value.__cause__ is None  # the original (it may quote a token) is dropped
+
+
+def test_a_versioned_read_stamps_with_its_version_unless_told():
+    assert Versioned(RECORD, 7).stamp == 7
+    assert Versioned(RECORD, 7, stamp=9).stamp == 9
+    state = Versioned(RECORD, 7)
+    assert (state.locked, state.rescued) == (False, False)
+
+
+def test_replace_changes_only_what_it_names():
+    changed = FULL.replace(reason="other", generation=5)
+    assert changed.to_dict() == {**FULL.to_dict(), "reason": "other", "generation": 5}
+    assert FULL.reason == "why not"
