@@ -20,7 +20,8 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "sfrtr", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "check", "sfrtr", "tests", "benchmarks", "examples", "tools",
+                "noxfile.py")
 
 
 @nox.session
@@ -34,6 +35,15 @@ def bench(session: nox.Session) -> None:
     """The benchmark suite: prints tables, writes JSON and a PNG under benchmarks/results/."""
     session.install("-e", ".[test,plot]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def mutants(session: nox.Session) -> None:
+    """Mutation testing of the coordination core with its fast tests (2 jobs, ~18 min):
+    a table and ``benchmarks/results/mutants.json``; ``docs/testing.md`` explains it.
+    ``-- --module sfrtr/protocol.py``: one module; ``-- --show ID``: one mutant's diff."""
+    session.install("-e", ".[test]")
+    session.run("python", "tools/mutants.py", *session.posargs)
 
 
 @nox.session
