@@ -137,10 +137,14 @@ async def test_a_broken_stream_resumes_each_watcher_where_it_was(
         assert not waiter.done()  # nothing can reach it yet
         before = served.client.round_trips
         served._tasks[1] = asyncio.create_task(served._watch_task())
-        await waiter
+        woke = await waiter
+        assert woke is not None
+        # The waiter saw a state etcd held: never the old record with the new rescue
+        # stamp (its watchers' replies come in any order: the rescue's may be first).
+        assert (woke.version, woke.locked) == (held.version, True)
         await until(lambda: served._mirror["acme"].rescues == {held.version})
-        m = served._mirror["acme"]
-        assert (m.version, m.locked) == (held.version, True)
+        await until(lambda: (served._mirror["acme"].version,
+                             served._mirror["acme"].locked) == (held.version, True))
         # Replayed by the watchers from where each was, not read: the only round trip
         # allowed is the read that returns the woken state (an intent is re-read
         # unless its lock is known, and it is here).

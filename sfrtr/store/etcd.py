@@ -701,10 +701,13 @@ class EtcdStore:
         order, with other tasks running between them: a view taken between them is
         a state etcd never held (a commit's new record still locked; an intent
         without its lock, a false orphan). It is trusted only when both are known
-        as of the same revision; otherwise the customer is read from etcd, which
-        brings both to the read's revision again.
+        as of the same revision, and no event of its rescue watcher has run ahead of
+        them (the stamp handed out with a view must not be newer than the view, or a
+        waiter on it would sleep through the record and lock events still on their
+        way); otherwise the customer is read from etcd, which brings all of it to the
+        read's revision again.
         """
-        return self.mirror == "namespace" or m.observed == m.lock_at
+        return self.mirror == "namespace" or m.observed == m.lock_at >= m.changed
 
     async def _use(self, customer: str) -> _Mirror:
         """Start (once) and mark the customer used now; a served mirror follows it.
