@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import orjson
+
 from sfrtr import admin
 from sfrtr.errors import (
     NotConnected,
@@ -229,6 +231,13 @@ class World:
             return  # a disconnect or clear deletes the customer's keys, lock included
         lock = self.etcd.keys.get(b"sim/lock/" + quote(customer, safe="").encode())
         fp = fingerprint(refresh_token)
+        if lock is None and self._grant_replaced(customer, family.family_id):
+            # A re-authorization's put releases the lock by design and fences out a
+            # refresh of the old grant: its token cannot be reused within the new
+            # grant, and what it returns goes to a rescue no one adopts (the grant id
+            # differs). Another process's put can land between an acquire and its
+            # send; only a round trip before every send could see it.
+            return
         if lock is None:
             self._violation(f"lease: {worker} sent refresh {fp} of {customer} at t={now:.3f} "
                             "without its lock in etcd")
@@ -305,6 +314,14 @@ class World:
         self._violation(f"wake: {worker} waited on {customer} past stamp {after} until "
                         f"t={ended:.3f} and timed out, though etcd changed it at rev "
                         f"{first} (t={changed:.3f}) with no fault holding its watch back")
+
+    def _grant_replaced(self, customer: str, family_id: int) -> bool:
+        """Whether etcd now stores a newer grant of ``customer`` than ``family_id``."""
+        raw = self.etcd.value(b"sim/tok/" + quote(customer, safe="").encode())
+        if raw is None:
+            return False
+        stored = self.endpoint.family_of(orjson.loads(raw).get("refresh_token", ""))
+        return stored is not None and stored.family_id > family_id
 
     def _check_mirror_live(self, worker: str, revision: int) -> None:
         """A worker whose namespace watch delivered everything up to the store's
