@@ -16,7 +16,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
@@ -276,8 +276,10 @@ class TokenManager:
             if customer in self._unsettled:  # that flight may fail: look again later
                 self._settle_later(customer, _STORE_RETRY_DELAY)
             return
-        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
-            self._fly(customer, None))
+        self._in_background(customer, self._fly(customer, None))
+
+    def _in_background(self, customer: str, work: Coroutine[object, object, object]) -> None:
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(functools.partial(self._background_done, customer))
 
@@ -319,10 +321,7 @@ class TokenManager:
         if customer in self._unsent and customer not in self._unfinished:
             # Only an acquire whose answer was lost is pending: look for it, but do
             # not refresh (a refresh is for a caller, or the background refresher).
-            task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
-                self._look_for_unsent(customer))
-            self._background.add(task)
-            task.add_done_callback(functools.partial(self._background_done, customer))
+            self._in_background(customer, self._look_for_unsent(customer))
             return
         self._refresh_in_background(customer)
 

@@ -31,6 +31,15 @@ async def store_of(server: LocalEtcd, namespace: str, **options: object) -> Etcd
     return store
 
 
+async def stop_following(store: EtcdStore) -> None:
+    """Stop the store's watch stream (as a broken connection would), after every
+    watcher it owes was sent; ``store._tasks[1] = ...(store._watch_task())`` resumes."""
+    await until(lambda: not store._to_add)
+    follow = store._tasks[1]
+    follow.cancel()
+    await asyncio.gather(follow, return_exceptions=True)
+
+
 async def until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
     async with asyncio.timeout(timeout):
         while not condition():  # noqa: ASYNC110 (state set by the store's own tasks)
@@ -122,10 +131,7 @@ async def test_a_broken_stream_resumes_each_watcher_where_it_was(
         await writer.put("acme", RECORD)
         seen = await served.read("acme")
         assert seen is not None
-        await until(lambda: not served._to_add)
-        follow = served._tasks[1]
-        follow.cancel()
-        await asyncio.gather(follow, return_exceptions=True)
+        await stop_following(served)
         # Changes while the stream is down: the record, the lock, a rescue.
         current = await writer.read("acme")
         assert current is not None
@@ -163,10 +169,7 @@ async def test_a_compacted_watcher_reads_its_customer_again(
         await writer.put("acme", RECORD)
         seen = await served.read("acme")
         assert seen is not None
-        await until(lambda: not served._to_add)
-        follow = served._tasks[1]
-        follow.cancel()
-        await asyncio.gather(follow, return_exceptions=True)
+        await stop_following(served)
         for generation in range(1, 4):
             latest = await writer.put("acme", RECORD.replace(generation=generation))
         await writer.client.compact(latest.version)
@@ -218,10 +221,7 @@ async def test_an_intent_whose_lock_has_not_arrived_is_read_from_etcd(
     try:
         await holder.put("acme", RECORD)
         assert await served.read("acme") is not None
-        await until(lambda: not served._to_add)
-        follow = served._tasks[1]
-        follow.cancel()  # no events: we deliver the record's by hand
-        await asyncio.gather(follow, return_exceptions=True)
+        await stop_following(served)  # no events: we deliver the record's by hand
         current = await holder.read("acme")
         assert current is not None
         held = await holder.acquire("acme", current.version, Intent("w", "fp", 0.0))

@@ -143,7 +143,6 @@ class EtcdStore:
         self._ttl = float(lease_ttl)
         self._lease_id: int | None = None
         self._lease_deadline = 0.0
-        self._lease_ready = asyncio.Event()
         self._mirror: dict[str, _Mirror] = {}
         self._waiters: dict[str, asyncio.Event] = {}
         self._in_use: set[str] = set()
@@ -260,7 +259,6 @@ class EtcdStore:
         lease_id, ttl = await self.client.grant(self._requested_ttl)
         self._lease_id, self._ttl = lease_id, float(ttl)
         self._lease_deadline = asked + ttl  # timed from the request: never optimistic
-        self._lease_ready.set()
         log.info("etcd lease %x granted (ttl %ss)", lease_id, ttl)
 
     def _lose_lease(self, why: str) -> None:
@@ -268,7 +266,6 @@ class EtcdStore:
             log.warning("etcd lease %x lost: %s", self._lease_id, why)
         self._lease_id = None
         self._lease_deadline = 0.0
-        self._lease_ready.clear()
 
     async def _keepalive_loop(self) -> None:
         while not self._closed:
@@ -816,9 +813,7 @@ class EtcdStore:
         return Versioned(record, result.revision, False, stamp=result.revision)
 
     def _wrote_rescue(self, customer: str, fence: int, revision: int, present: bool) -> None:
-        m = self._mirror.get(customer)
-        if m is None:
-            m = self._mirror[customer] = _Mirror()
+        m = self._mirror.setdefault(customer, _Mirror())
         found = m.rescues or set()
         if present:
             found.add(fence)
