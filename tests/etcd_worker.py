@@ -149,6 +149,38 @@ def build(args: argparse.Namespace) -> TokenManager:
         wait_timeout=args.wait_timeout))
 
 
+async def run_mode(manager: TokenManager, args: argparse.Namespace,
+                   stop: asyncio.Event) -> dict[str, Any]:
+    """The worker's job (a storm, or one refresh of the first customer) and its stats."""
+    result: dict[str, Any] = {}
+    if args.mode == "storm":
+        result = await storm(manager, args.customers.split(","), args.coroutines, args.duration,
+                             args.pause, stop)
+    else:
+        customer = args.customers.split(",")[0]
+        try:
+            stale = await manager.token(customer)
+            creds = await manager.refresh(customer, stale=stale)
+            result = {"ok": True, "token_changed": creds.access_token != stale}
+        except SfrtrError as exc:
+            result = {"ok": False, "error": type(exc).__name__}
+    result["stats"] = vars(manager.stats)
+    result["redemptions"] = manager.stats.redemptions
+    return result
+
+
+def report_result(result: dict[str, Any], monitor: LoopStallMonitor, reporter: asyncio.Task[None],
+                  ready: float) -> None:
+    """Stop the stall monitor and print the result line the tests read."""
+    reporter.cancel()
+    monitor.stop()
+    result["max_stall"] = monitor.max_stall
+    result["stalls_over_100ms"] = len(monitor.stalls)
+    # When each long stall ended, seconds after READY (negative: during start-up).
+    result["stalls"] = [(round(t - ready, 2), round(d, 3)) for t, d in monitor.stalls]
+    say(orjson.dumps(result).decode())
+
+
 async def main(args: argparse.Namespace) -> None:
     if log_dir := os.environ.get("SFRTR_WORKER_LOG_DIR"):  # for debugging fault runs
         logging.basicConfig(filename=f"{log_dir}/worker-{os.getpid()}.log", level=logging.INFO,
@@ -164,28 +196,9 @@ async def main(args: argparse.Namespace) -> None:
     await store.start()
     say("READY")
     ready = time.monotonic()
-    result: dict[str, Any] = {}
-    if args.mode == "storm":
-        result = await storm(manager, args.customers.split(","), args.coroutines, args.duration,
-                             args.pause, stop)
-    else:
-        customer = args.customers.split(",")[0]
-        try:
-            stale = await manager.token(customer)
-            creds = await manager.refresh(customer, stale=stale)
-            result = {"ok": True, "token_changed": creds.access_token != stale}
-        except SfrtrError as exc:
-            result = {"ok": False, "error": type(exc).__name__}
-    result["stats"] = vars(manager.stats)
-    result["redemptions"] = manager.stats.redemptions
+    result = await run_mode(manager, args, stop)
     await manager.aclose()
-    reporter.cancel()
-    monitor.stop()
-    result["max_stall"] = monitor.max_stall
-    result["stalls_over_100ms"] = len(monitor.stalls)
-    # When each long stall ended, seconds after READY (negative: during start-up).
-    result["stalls"] = [(round(t - ready, 2), round(d, 3)) for t, d in monitor.stalls]
-    say(orjson.dumps(result).decode())
+    report_result(result, monitor, reporter, ready)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

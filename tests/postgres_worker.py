@@ -14,9 +14,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
-
-import orjson
 
 from sfrtr import (
     InstanceUrlPolicy,
@@ -24,13 +21,12 @@ from sfrtr import (
     RefreshOutcome,
     RefreshPolicy,
     Secret,
-    SfrtrError,
     TokenManager,
 )
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 from sfrtr.loop_stall import LoopStallMonitor
 from sfrtr.store.postgres import PostgresStore
-from tests.etcd_worker import HookedOAuth, report_stalls, say, storm
+from tests.etcd_worker import HookedOAuth, report_result, report_stalls, run_mode, say
 
 
 class PausingOAuth(HookedOAuth):
@@ -79,28 +75,10 @@ async def main(args: argparse.Namespace) -> None:
     await store.start()
     say(f"READY holder {store.holder} pid {store._presence_pid}")
     ready = time.monotonic()
-    result: dict[str, Any] = {}
-    if args.mode == "storm":
-        result = await storm(manager, args.customers.split(","), args.coroutines, args.duration,
-                             args.pause, stop)
-    else:
-        customer = args.customers.split(",")[0]
-        try:
-            stale = await manager.token(customer)
-            creds = await manager.refresh(customer, stale=stale)
-            result = {"ok": True, "token_changed": creds.access_token != stale}
-        except SfrtrError as exc:
-            result = {"ok": False, "error": type(exc).__name__}
-    result["stats"] = vars(manager.stats)
-    result["redemptions"] = manager.stats.redemptions
+    result = await run_mode(manager, args, stop)
     result["holder_now"] = store.holder
     await manager.aclose()
-    reporter.cancel()
-    monitor.stop()
-    result["max_stall"] = monitor.max_stall
-    result["stalls_over_100ms"] = len(monitor.stalls)
-    result["stalls"] = [(round(t - ready, 2), round(d, 3)) for t, d in monitor.stalls]
-    say(orjson.dumps(result).decode())
+    report_result(result, monitor, reporter, ready)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

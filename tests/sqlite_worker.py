@@ -13,22 +13,18 @@ import logging
 import os
 import signal
 import time
-from typing import Any
-
-import orjson
 
 from sfrtr import (
     InstanceUrlPolicy,
     OAuthConfig,
     RefreshPolicy,
     Secret,
-    SfrtrError,
     SqliteStore,
     TokenManager,
 )
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 from sfrtr.loop_stall import LoopStallMonitor
-from tests.etcd_worker import HookedOAuth, report_stalls, say, storm
+from tests.etcd_worker import HookedOAuth, report_result, report_stalls, run_mode, say
 
 
 def build(args: argparse.Namespace) -> TokenManager:
@@ -58,27 +54,9 @@ async def main(args: argparse.Namespace) -> None:
     await store.start()
     say(f"READY holder {store.holder}")
     ready = time.monotonic()
-    result: dict[str, Any] = {}
-    if args.mode == "storm":
-        result = await storm(manager, args.customers.split(","), args.coroutines, args.duration,
-                             args.pause, stop)
-    else:
-        customer = args.customers.split(",")[0]
-        try:
-            stale = await manager.token(customer)
-            creds = await manager.refresh(customer, stale=stale)
-            result = {"ok": True, "token_changed": creds.access_token != stale}
-        except SfrtrError as exc:
-            result = {"ok": False, "error": type(exc).__name__}
-    result["stats"] = vars(manager.stats)
-    result["redemptions"] = manager.stats.redemptions
+    result = await run_mode(manager, args, stop)
     await manager.aclose()
-    reporter.cancel()
-    monitor.stop()
-    result["max_stall"] = monitor.max_stall
-    result["stalls_over_100ms"] = len(monitor.stalls)
-    result["stalls"] = [(round(t - ready, 2), round(d, 3)) for t, d in monitor.stalls]
-    say(orjson.dumps(result).decode())
+    report_result(result, monitor, reporter, ready)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
