@@ -9,25 +9,6 @@ The public API is what this module exports; everything else is private.
 
 from typing import TYPE_CHECKING, Any
 
-from sfrtr.api_errors import (
-    InvalidField,
-    InvalidResponse,
-    MalformedQuery,
-    NotFound,
-    RequestLimitExceeded,
-    SalesforceError,
-    ServerUnavailable,
-    SessionExpired,
-)
-from sfrtr.client import (
-    DEFAULT_API_VERSION,
-    Client,
-    LimitInfo,
-    QueryResult,
-    Response,
-    RetryPolicy,
-    UpsertResult,
-)
 from sfrtr.errors import (
     ConfigurationError,
     CoordinationTimeout,
@@ -56,6 +37,25 @@ from sfrtr.oauth import (
 )
 from sfrtr.policy import RecoveryMode, RefreshPolicy
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
+from sfrtr.salesforce.client import (
+    DEFAULT_API_VERSION,
+    Client,
+    LimitInfo,
+    QueryResult,
+    Response,
+    RetryPolicy,
+    UpsertResult,
+)
+from sfrtr.salesforce.errors import (
+    InvalidField,
+    InvalidResponse,
+    MalformedQuery,
+    NotFound,
+    RequestLimitExceeded,
+    SalesforceError,
+    ServerUnavailable,
+    SessionExpired,
+)
 from sfrtr.secret import Secret, fingerprint
 from sfrtr.singleflight import Singleflight
 from sfrtr.store import MemoryStore, SqliteStore, TokenStore

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from sfrtr.client import Client
 from sfrtr.errors import InvalidTokenResponse, OAuthError, SfrtrError
 from sfrtr.manager import TokenManager
 from sfrtr.oauth import pkce
 from sfrtr.oauth.client import OAuthClient, OAuthConfig
 from sfrtr.oauth_state import InvalidState, StateSigner
 from sfrtr.policy import RefreshPolicy
+from sfrtr.salesforce import Client
 from sfrtr.secret import Secret
 from sfrtr.store.base import TokenStore
 from sfrtr.store.memory import MemoryStore

@@ -37,13 +37,13 @@ from sfrtr import (
     TokenManager,
 )
 from sfrtr.admin import RefusedToClear, clear
-from sfrtr.client import Client
 from sfrtr.emulator import Emulator
 from sfrtr.loop_stall import LoopStallMonitor
 from sfrtr.oauth.client import REDIRECT_REFUSED
 from sfrtr.oauth.outcome import OutcomeKind
 from sfrtr.protocol import dead_record
 from sfrtr.records import Intent
+from sfrtr.salesforce import Client
 from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings, TxnResult
 from sfrtr.store.etcd_launcher import LocalEtcd

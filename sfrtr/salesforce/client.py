@@ -19,8 +19,8 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import orjson
 
-from sfrtr.api_errors import InvalidResponse, SalesforceError, ServerUnavailable, error_from
 from sfrtr.manager import Credentials, TokenManager
+from sfrtr.salesforce.errors import InvalidResponse, SalesforceError, ServerUnavailable, error_from
 
 DEFAULT_API_VERSION = "67.0"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
