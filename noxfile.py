@@ -35,6 +35,10 @@ def bench(session: nox.Session) -> None:
     """The benchmark suite: prints tables, writes JSON and a PNG under benchmarks/results/."""
     session.install("-e", ".[test,plot]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+    # The stores side by side, with the Nango-style Redis lock beside them.
+    session.run("bash", ".ci/install-bench-servers", external=True)
+    session.install("redis>=5")
+    session.run("python", "-m", "benchmarks.stores", *session.posargs)
 
 
 @nox.session
