@@ -35,7 +35,7 @@ from sfrtr import (
     SfrtrError,
     TokenManager,
 )
-from sfrtr.demo_processes import DemoStore
+from sfrtr.cli.demo_processes import DemoStore
 from sfrtr.emulator import Emulator
 from sfrtr.emulator.sdk import oauth_config, token_grant
 from sfrtr.records import TokenRecord

@@ -15,10 +15,12 @@ from sfrtr.errors import (
     GrantSuspended,
     InvalidTokenResponse,
     LeaseLost,
+    MissingExtra,
     NotConnected,
     OAuthError,
     ReauthorizationRequired,
     RefreshIndeterminate,
+    RefusedToClear,
     SessionRefused,
     SfrtrError,
     StoreError,
@@ -35,6 +37,7 @@ from sfrtr.oauth import (
     RefreshOutcome,
     TokenGrant,
 )
+from sfrtr.oauth_state import InvalidState
 from sfrtr.policy import RecoveryMode, RefreshPolicy
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
 from sfrtr.salesforce.client import (
@@ -69,6 +72,7 @@ __version__ = "0.1.0"
 
 _LAZY = {"EtcdStore": "sfrtr.store.etcd", "EtcdSettings": "sfrtr.store.etcd_client",
          "PostgresStore": "sfrtr.store.postgres"}
+_EXTRA = {"EtcdStore": "etcd", "EtcdSettings": "etcd", "PostgresStore": "postgres"}
 
 
 def __getattr__(name: str) -> Any:
@@ -78,7 +82,13 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] == "sfrtr":
+                raise
+            raise MissingExtra(f"sfrtr.{name}", _EXTRA[name], exc.name) from exc
+        return getattr(module, name)
     raise AttributeError(f"module 'sfrtr' has no attribute {name!r}")
 
 
@@ -96,6 +106,7 @@ __all__ = [
     "Introspection",
     "InvalidField",
     "InvalidResponse",
+    "InvalidState",
     "InvalidTokenResponse",
     "LeaseLost",
     "LimitInfo",
@@ -103,6 +114,7 @@ __all__ = [
     "MalformedQuery",
     "ManagerStats",
     "MemoryStore",
+    "MissingExtra",
     "NotConnected",
     "NotFound",
     "OAuthClient",
@@ -116,6 +128,7 @@ __all__ = [
     "RefreshIndeterminate",
     "RefreshOutcome",
     "RefreshPolicy",
+    "RefusedToClear",
     "RequestLimitExceeded",
     "Response",
     "RetryPolicy",

@@ -114,3 +114,33 @@ class LeaseLost(SfrtrError):
 
 class StoreError(SfrtrError):
     """The token store failed (unreachable, corrupt record)."""
+
+
+class RefusedToClear(SfrtrError):
+    """Clearing a customer's record would throw away a usable grant (or the record
+    changed meanwhile): see :func:`sfrtr.cli.admin.clear`.
+
+    ``reason`` says why; ``forceable``: ``force=True`` (``sfrtr clear --force``)
+    would clear it anyway.
+    """
+
+    def __init__(self, reason: str, *, forceable: bool) -> None:
+        super().__init__(reason + ("; pass force=True to insist" if forceable else ""))
+        self.reason = reason
+        self.forceable = forceable
+
+
+class MissingExtra(SfrtrError, ImportError):
+    """A feature needs an optional dependency that is not installed.
+
+    Also an :class:`ImportError`, so code that probes for an optional feature with
+    ``except ImportError`` keeps working. The message names the command that
+    installs it (``pip install 'sfrtr[etcd]'``).
+    """
+
+    def __init__(self, feature: str, extra: str, missing: str | None = None) -> None:
+        detail = f" (no module named {missing!r})" if missing else ""
+        super().__init__(f"{feature} needs the {extra} extra, which is not installed: "
+                         f"pip install 'sfrtr[{extra}]'{detail}")
+        self.extra = extra
+        self.missing = missing

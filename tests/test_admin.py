@@ -9,7 +9,7 @@ import time
 import pytest
 
 from sfrtr import Secret, Status, TokenRecord
-from sfrtr.admin import RefusedToClear, clear, list_status
+from sfrtr.cli.admin import RefusedToClear, clear, list_status
 from sfrtr.protocol import dead_record
 
 pytestmark = pytest.mark.anyio

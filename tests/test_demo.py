@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sfrtr.cli import build_parser, main
-from sfrtr.demo import DemoConfig, run_demo
+from sfrtr.cli.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.anyio
 
@@ -42,7 +42,7 @@ def test_cli_rejects_nonsense():
 
 
 async def test_demo_across_processes_on_a_local_etcd():
-    from sfrtr.demo_processes import run_processes
+    from sfrtr.cli.demo_processes import run_processes
 
     lines: list[str] = []
     figures = await run_processes(DemoConfig(customers=5, concurrency=20, duration=3.5,
@@ -58,7 +58,7 @@ async def test_demo_across_processes_on_a_local_etcd():
 
 
 async def test_demo_across_processes_on_sqlite_needs_no_server():
-    from sfrtr.demo_processes import run_processes
+    from sfrtr.cli.demo_processes import run_processes
 
     lines: list[str] = []
     figures = await run_processes(DemoConfig(customers=5, concurrency=20, duration=2.5,
@@ -73,7 +73,7 @@ async def test_demo_across_processes_on_sqlite_needs_no_server():
 
 
 def test_cli_demo_defaults_to_sqlite_across_processes(monkeypatch):
-    import sfrtr.demo_processes
+    import sfrtr.cli.demo_processes
 
     chosen: dict[str, object] = {}
 
@@ -81,7 +81,7 @@ def test_cli_demo_defaults_to_sqlite_across_processes(monkeypatch):
         chosen.update(processes=processes, store=store, etcd=etcd, postgres=postgres)
         return {"reuse": 0, "revocations": 0}
 
-    monkeypatch.setattr(sfrtr.demo_processes, "run_processes", fake)
+    monkeypatch.setattr(sfrtr.cli.demo_processes, "run_processes", fake)
     assert main(["demo", "--processes", "3"]) == 0
     assert chosen == {"processes": 3, "store": "sqlite", "etcd": None, "postgres": None}
     assert main(["demo", "--processes", "2", "--etcd", "h:1"]) == 0

@@ -36,7 +36,7 @@ from sfrtr import (
     TokenEndpointUnavailable,
     TokenManager,
 )
-from sfrtr.admin import RefusedToClear, clear
+from sfrtr.cli.admin import RefusedToClear, clear
 from sfrtr.emulator import Emulator
 from sfrtr.loop_stall import LoopStallMonitor
 from sfrtr.oauth.client import REDIRECT_REFUSED

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from sfrtr import admin
-from sfrtr.admin import RefusedToClear
+from sfrtr.cli import admin
+from sfrtr.cli.admin import RefusedToClear
 from sfrtr.errors import StoreError
 from tests.sim.clock import FakeTime, SimLoop, patched_time
 from tests.sim.etcd_model import EtcdModel

@@ -1,135 +1,225 @@
-"""The ``sfrtr`` command: ``sfrtr demo``, ``sfrtr emulator``, ``sfrtr migrate``..."""
+"""The ``sfrtr`` command: demo, emulator, status, clear, migrate.
+
+Exit status: 0 when the command did its job (for the demo: every invariant
+held); 1 when the demo ran and an invariant did not hold (``--naive`` locks
+customers out on purpose, so it exits 1); 2 when the command could not do its
+job as asked (a bad option, a missing extra, a server that cannot be reached,
+a port in use, a refusal): one line on stderr says what was wrong and what to
+do, and ``-v`` adds the traceback; 130 after Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
+import os
 import sys
+import traceback
 
-from sfrtr import admin
-from sfrtr.demo import DemoConfig, main_demo
-from sfrtr.emulator import __main__ as emulator_main
-from sfrtr.errors import SfrtrError
+from sfrtr.cli import parsing
+from sfrtr.cli.parsing import HelpFormatter, OneLineParser
+
+ETCD_ENV = "SFRTR_ETCD_"
+"""Prefix of the environment variables ``status`` and ``clear`` read their etcd
+connection from (``SFRTR_ETCD_ENDPOINTS``, ``SFRTR_ETCD_PASSWORD``...)."""
+
+_EXTRAS = {"etcd": ("aetcd", "grpc"), "postgres": ("asyncpg",)}
+
+_DESCRIPTION = """\
+Share Salesforce OAuth grants safely across asyncio workers under Refresh Token
+Rotation. These commands show it working (demo, emulator) and operate the
+stored grants (status, clear, migrate).
+
+exit status: 0 done (demo: the invariants held); 1 the demo saw an invariant
+broken (--naive does, on purpose); 2 the command could not run as asked (one
+line says why; -v shows the traceback); 130 interrupted."""
 
 
-def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError("must be positive")
-        return value
-    return parse
+class CommandFailed(Exception):
+    """A command cannot do its job as asked; ``str()`` is the one line to print."""
+
+
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's own default must not overwrite a -v given before it.
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log debug messages, and show the traceback of a failure")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sfrtr", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a refresh storm against the built-in emulator")
-    demo.add_argument("--customers", type=_positive(int), default=20)
-    demo.add_argument("--concurrency", type=_positive(int), default=200)
-    demo.add_argument("--duration", type=_positive(float), default=10.0, help="seconds")
-    demo.add_argument("--expire-every", type=_positive(float), default=2.0,
-                      help="expire every session this often, seconds")
-    demo.add_argument("--naive", action="store_true",
-                      help="refresh without any coordination, to see reuse happen")
-    demo.add_argument("--processes", type=_positive(int), default=None,
-                      help="run the load from this many processes on a shared store "
-                           "(default store: SQLite, a temporary file, no server)")
-    demo.add_argument("--store", choices=("memory", "sqlite", "postgres", "etcd"), default=None,
-                      help="the store (default: memory in one process, sqlite with "
-                           "--processes; etcd with --etcd, postgres with --postgres)")
-    demo.add_argument("--etcd", metavar="HOST:PORT", default=None,
-                      help="etcd for --store etcd (default: start a local one)")
-    demo.add_argument("--postgres", metavar="DSN", default=None,
-                      help="Postgres for --store postgres (the demo creates a schema of its "
-                           "own there and drops it at the end)")
-    etcd_options = argparse.ArgumentParser(add_help=False)
-    etcd_options.add_argument("--etcd", action="append", required=True, metavar="HOST:PORT",
-                              help="an etcd endpoint (repeat for several)")
-    etcd_options.add_argument("--namespace", default="sfrtr")
-    sub.add_parser("status", parents=[etcd_options],
-                   help="list customers and their grant status (never token values)")
-    clear = sub.add_parser("clear", parents=[etcd_options],
-                           help="delete a reauth_required record after re-authorization")
-    clear.add_argument("customer")
+    """The ``sfrtr`` argument parser (every subcommand, with its help and defaults)."""
+    from sfrtr import __version__
+
+    parser = OneLineParser(prog="sfrtr", description=_DESCRIPTION,
+                           formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sfrtr {__version__}")
+    _verbose_flag(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary, description=description,
+                           formatter_class=HelpFormatter)
+        _verbose_flag(p)
+        return p
+
+    _demo_options(command(
+        "demo", "a refresh storm against the built-in Salesforce emulator",
+        "Run many coroutines calling the Salesforce REST API for a few seconds while the\n"
+        "built-in emulator expires every session every --expire-every seconds. With\n"
+        "sfrtr each expiry costs one refresh per customer and nobody is locked out;\n"
+        "--naive shows what uncoordinated workers do to the same customers."))
+    _emulator_options(command(
+        "emulator", "serve the Salesforce emulator on a loopback port",
+        "Serve the Salesforce emulator (token endpoint, REST API) until Ctrl-C. With\n"
+        "--customers N it creates N customers with one grant each and prints the\n"
+        "client id and secret, and each grant's refresh token (the emulator's own test\n"
+        "data, not a real credential)."))
+    status = command(
+        "status", "list customers and the status of their grants (never token values)",
+        "List every customer stored under an etcd namespace, with its grant status,\n"
+        "generation, lock state and refresh-token fingerprint. Reads only: takes no\n"
+        "lease and writes nothing.\n\n" + _ETCD_ENV_HELP)
+    _etcd_options(status)
+    clear = command(
+        "clear", "delete a customer's dead (reauth_required) record",
+        "Delete a customer's record once it is reauth_required and the customer has\n"
+        "re-authorized the app. A record in any other status holds a live grant and\n"
+        "is kept unless --force is given.\n\n" + _ETCD_ENV_HELP)
+    _etcd_options(clear)
+    clear.add_argument("customer", type=parsing.customer, help="the customer to clear")
     clear.add_argument("--force", action="store_true",
-                       help="clear even a record that is not reauth_required")
-    migrate = sub.add_parser("migrate", help="create or migrate the Postgres store's schema "
-                             "(for teams that apply DDL themselves)")
+                       help="clear even a record that is not reauth_required (discards a "
+                            "live grant: the customer must re-authorize)")
+    migrate = command(
+        "migrate", "create or upgrade the Postgres store's tables",
+        "Create or upgrade the Postgres store's schema, for teams that apply DDL\n"
+        "themselves (the store otherwise does it on first use).")
     migrate.add_argument("--postgres", required=True, metavar="DSN",
                          help="a libpq URL or keyword string")
-    migrate.add_argument("--schema", default="public")
-    migrate.add_argument("--prefix", default="sfrtr", help="table name prefix")
+    migrate.add_argument("--schema", default="public", help="the schema of the tables")
+    migrate.add_argument("--prefix", default="sfrtr", help="the tables' name prefix")
     migrate.add_argument("--print-sql", action="store_true",
                          help="print the SQL instead of running it")
-    emu = sub.add_parser("emulator", help="serve the Salesforce emulator",
-                         parents=[emulator_main.build_parser()], add_help=False)
-    emu.set_defaults(command="emulator")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
+_ETCD_ENV_HELP = """\
+Every connection option can come from the environment instead: SFRTR_ETCD_ENDPOINTS
+(comma-separated), SFRTR_ETCD_NAMESPACE, SFRTR_ETCD_CA_FILE, SFRTR_ETCD_CERT_FILE,
+SFRTR_ETCD_KEY_FILE, SFRTR_ETCD_USERNAME and SFRTR_ETCD_PASSWORD (the password is
+read only from the environment: a command line is visible to every user)."""
+
+
+def _demo_options(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument("--customers", type=parsing.positive_int, default=20,
+                      help="customers (orgs), each with one grant")
+    demo.add_argument("--concurrency", type=parsing.positive_int, default=200,
+                      help="coroutines calling the API (split over --processes)")
+    demo.add_argument("--duration", type=parsing.seconds, default=10.0,
+                      help="seconds of load")
+    demo.add_argument("--expire-every", type=parsing.seconds, default=2.0,
+                      help="seconds between two expiries of every session")
+    demo.add_argument("--naive", action="store_true",
+                      help="refresh without any coordination (whoever sees a 401 refreshes), "
+                           "to see customers locked out; exits 1")
+    demo.add_argument("--processes", type=parsing.positive_int, default=None,
+                      help="run the load from this many processes sharing one store "
+                           "(default: 1; the store is then SQLite, a temporary file)")
+    demo.add_argument("--store", choices=("memory", "sqlite", "postgres", "etcd"), default=None,
+                      help="the store: memory (one process only), sqlite, postgres (needs "
+                           "the postgres extra), etcd (needs the etcd extra) (default: memory "
+                           "in one process, sqlite with --processes)")
+    demo.add_argument("--etcd", metavar="HOST:PORT", type=parsing.endpoint, default=None,
+                      help="the etcd of --store etcd (default: start a local one)")
+    demo.add_argument("--postgres", metavar="DSN", default=None,
+                      help="the Postgres of --store postgres (the demo works in a schema "
+                           "of its own and drops it at the end)")
+
+
+def _emulator_options(p: argparse.ArgumentParser) -> None:
+    from sfrtr.emulator.__main__ import add_options
+
+    add_options(p)
+
+
+def _etcd_options(p: argparse.ArgumentParser) -> None:
+    env = os.environ
+    p.add_argument("--etcd", action="append", type=parsing.endpoint, metavar="HOST:PORT",
+                   default=None,
+                   help="an etcd endpoint; repeat for several (default: $SFRTR_ETCD_ENDPOINTS, "
+                        "else 127.0.0.1:2379)")
+    p.add_argument("--namespace", type=parsing.namespace,
+                   default=env.get(ETCD_ENV + "NAMESPACE", "sfrtr"),
+                   help="the key prefix the workers use (EtcdStore(namespace=...))")
+    p.add_argument("--ca-file", default=env.get(ETCD_ENV + "CA_FILE"),
+                   help="CA bundle for TLS (TLS is on when any of the three files is given)")
+    p.add_argument("--cert-file", default=env.get(ETCD_ENV + "CERT_FILE"),
+                   help="client certificate for TLS")
+    p.add_argument("--key-file", default=env.get(ETCD_ENV + "KEY_FILE"),
+                   help="client key for TLS")
+    p.add_argument("--username", default=env.get(ETCD_ENV + "USERNAME"),
+                   help="etcd user (the password comes from $SFRTR_ETCD_PASSWORD)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``sfrtr`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
-    if args.command == "demo":
-        store = _demo_store(args)
-        if store is None:
-            return 2
-        if store != "memory":
-            return _demo_processes(args, store)
-        return main_demo(DemoConfig(customers=args.customers, concurrency=args.concurrency,
-                                    duration=args.duration, expire_every=args.expire_every,
-                                    naive=args.naive))
-    if args.command in ("status", "clear"):
-        return asyncio.run(_operate(args))
-    if args.command == "migrate":
-        return _migrate(args)
-    emulator_main.serve(args)
-    return 0
-
-
-def _demo_store(args: argparse.Namespace) -> str | None:
-    """The demo's store, or ``None`` after printing (one line) why the options conflict."""
-    store = args.store
-    if store is None:
-        store = ("etcd" if args.etcd else "postgres" if args.postgres else
-                 "sqlite" if args.processes else "memory")
-    problem = None
-    if args.naive and (args.processes or store != "memory"):
-        problem = "--naive uses no store and runs in one process; drop --processes and --store"
-    elif store == "memory" and (args.processes or 1) > 1:
-        problem = ("the memory store lives in one process and cannot be shared: with "
-                   "--processes use --store sqlite (no server) or --store etcd")
-    elif store == "postgres" and not args.postgres:
-        problem = "--store postgres needs --postgres DSN (a database the demo may create a " \
-                  "schema in)"
-    elif args.etcd and store != "etcd":
-        problem = f"--etcd is for --store etcd, not --store {store}"
-    elif args.postgres and store != "postgres":
-        problem = f"--postgres is for --store postgres, not --store {store}"
-    if problem is not None:
-        print(f"sfrtr demo: error: {problem}", file=sys.stderr)
-        return None
-    return str(store)
-
-
-def _demo_processes(args: argparse.Namespace, store: str) -> int:
-    from sfrtr.demo_processes import run_processes
-
-    config = DemoConfig(customers=args.customers, concurrency=args.concurrency,
-                        duration=args.duration, expire_every=args.expire_every)
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
+    prog = f"sfrtr {args.command}"
     try:
-        figures = asyncio.run(run_processes(config, args.processes or 1, args.etcd,
-                                            store=store, postgres=args.postgres))
-    except Exception as exc:  # asyncpg's own errors too: the class and primary message only
-        if args.verbose:
-            raise
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        # asyncio.run cancels the main task on Ctrl-C: the CancelledError it chains
+        # says nothing a user can act on.
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if verbose:
+            traceback.print_exc()
+        return parsing.fail(prog, _one_line(exc))
+
+
+def _one_line(exc: BaseException) -> str:
+    from sfrtr.errors import MissingExtra, SfrtrError
+
+    if isinstance(exc, CommandFailed | MissingExtra | SfrtrError | ValueError):
+        text = str(exc)
+    elif isinstance(exc, ModuleNotFoundError) and exc.name:
+        extra = next((e for e, mods in _EXTRAS.items() if exc.name.split(".")[0] in mods), None)
+        text = (f"needs the {extra} extra: pip install 'sfrtr[{extra}]'" if extra
+                else f"a module is missing: {exc.name}")
+    else:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"sfrtr demo: error: {type(exc).__name__}: {first}", file=sys.stderr)
-        return 1
-    return 0 if figures["reuse"] == 0 and figures["revocations"] == 0 else 1
+        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Raise :class:`CommandFailed` naming ``pip install 'sfrtr[extra]'`` when its modules
+    are absent (checked before anything starts, not as a traceback half-way)."""
+    missing = [m for m in _EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CommandFailed(f"{what} needs the {extra} extra, which is not installed: "
+                            f"pip install 'sfrtr[{extra}]'")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from sfrtr.cli.demo_command import run_demo_command
+
+        return run_demo_command(args)
+    if args.command == "emulator":
+        from sfrtr.emulator.__main__ import serve
+
+        return serve(args)
+    if args.command in ("status", "clear"):
+        from sfrtr.cli.operate import operate
+
+        require_extra("etcd", f"sfrtr {args.command}")
+        return operate(args, password=os.environ.get(ETCD_ENV + "PASSWORD"))
+    return _migrate(args)
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -138,57 +228,20 @@ def _migrate(args: argparse.Namespace) -> int:
     try:
         names = Names(args.schema, args.prefix)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandFailed(f"{exc}") from None
     if args.print_sql:
         print(migration_script(names), end="")
         return 0
+    require_extra("postgres", "sfrtr migrate")
     from sfrtr.store.postgres import migrate, redact_dsn
 
+    where = redact_dsn(args.postgres)
     try:
         version = asyncio.run(migrate(args.postgres, schema=args.schema, prefix=args.prefix))
-    except (OSError, SfrtrError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # asyncpg's own errors: the class and primary message only
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: {type(exc).__name__}: {first}", file=sys.stderr)
-        return 1
-    print(f"{redact_dsn(args.postgres)}: schema {args.schema!r} prefix {args.prefix!r} at "
-          f"version {version}")
+    except Exception as exc:  # asyncpg's own errors too: the class and primary message only
+        raise CommandFailed(f"Postgres at {where}: {_one_line(exc)}") from exc
+    print(f"{where}: schema {args.schema!r} prefix {args.prefix!r} at version {version}")
     return 0
 
 
-async def _operate(args: argparse.Namespace) -> int:
-    from sfrtr.store.etcd import EtcdStore
-    from sfrtr.store.etcd_client import EtcdSettings
-
-    store = EtcdStore(EtcdSettings(endpoints=args.etcd), namespace=args.namespace)
-    try:
-        if args.command == "status":
-            rows = await admin.list_status(store)
-            print(f"{'customer':<32} {'status':<16} {'gen':>5} {'locked':<6} "
-                  f"{'refresh':<12} reason")
-            for row in rows:
-                print(f"{row.customer:<32} {row.status.value:<16} {row.generation:>5} "
-                      f"{'yes' if row.locked else 'no':<6} {row.refresh_fingerprint:<12} "
-                      f"{row.reason}")
-            print(f"{len(rows)} customer(s)")
-            return 0
-        try:
-            cleared = await admin.clear(store, args.customer, force=args.force)
-        except admin.RefusedToClear as exc:
-            print(f"refused: {exc}", file=sys.stderr)
-            return 2
-        print(f"{args.customer}: " + ("nothing stored" if cleared is None
-                                      else f"cleared ({cleared.value})"))
-        return 0
-    except SfrtrError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        await store.aclose()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["CommandFailed", "build_parser", "main", "require_extra"]

@@ -7,14 +7,21 @@ clear``) is a thin layer over these functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sfrtr.errors import SfrtrError
+from sfrtr.errors import RefusedToClear
 from sfrtr.records import Status
 from sfrtr.store.base import TokenStore
+
+if TYPE_CHECKING:
+    from sfrtr.store.etcd_client import EtcdClient
 
 
 @dataclass(frozen=True, slots=True)
 class CustomerStatus:
+    """One customer's grant as an operator sees it: status, generation, lock, the
+    refresh token's fingerprint (never its value)."""
+
     customer: str
     status: Status
     generation: int
@@ -40,8 +47,36 @@ async def list_status(store: TokenStore) -> list[CustomerStatus]:
     return out
 
 
-class RefusedToClear(SfrtrError):
-    """Clearing would throw away a usable grant."""
+async def status_rows(client: EtcdClient, namespace: str, *, page_size: int = 5000
+                      ) -> list[CustomerStatus]:
+    """Every customer under an etcd ``namespace``, sorted by name, read with plain
+    Range calls at one revision: no lease, no watch, nothing written (what ``sfrtr
+    status`` runs, so that looking adds no session to a loaded cluster)."""
+    from sfrtr.store.etcd import EtcdStore, _decode
+
+    keys = EtcdStore(client.settings, namespace=namespace)  # key layout only: never started
+    records: dict[str, bytes] = {}
+    locked: set[str] = set()
+    rescued: set[str] = set()
+    async for _, kvs in client.range_pages(f"{namespace}/".encode(), page_size):
+        for kv in kvs:
+            parsed = keys._parse_key(kv.key)
+            if parsed is None:
+                continue
+            kind, customer = parsed
+            if kind == "tok":
+                records[customer] = kv.value
+            elif kind == "lock":
+                locked.add(customer)
+            else:
+                rescued.add(customer)
+    out = []
+    for customer in sorted(records):
+        r = _decode(records[customer])
+        out.append(CustomerStatus(customer, r.status, r.generation, r.expires_at,
+                                  customer in locked, r.reason, r.refresh_token.fingerprint,
+                                  customer in rescued))
+    return out
 
 
 async def clear(store: TokenStore, customer: str, *, force: bool = False) -> Status | None:
@@ -56,15 +91,19 @@ async def clear(store: TokenStore, customer: str, *, force: bool = False) -> Sta
         return None
     status = current.record.status
     if status is not Status.REAUTH_REQUIRED and not force:
-        raise RefusedToClear(f"customer {customer!r} is {status.value}, not reauth_required; "
-                             "clearing would discard a live grant (use force to insist)")
+        raise RefusedToClear(f"customer {customer!r} is {status.value}, not reauth_required: "
+                             "clearing would discard a live grant", forceable=True)
     if not force and (current.rescued or await store.rescues(customer)):
         # A worker fenced out mid-refresh kept the family's newest tokens: the next
         # read of the customer revives the grant with them.
-        raise RefusedToClear(f"customer {customer!r} has rescued tokens that may revive it; "
-                             "ask for its token once, or use force to insist")
+        raise RefusedToClear(f"customer {customer!r} has rescued tokens that may revive it: "
+                             "ask for its token once", forceable=True)
     # Delete the version we judged, not whatever is there now: a record revived in
     # between (a rescue adopted, a re-authorization) holds a live grant.
     if not await store.delete(customer, version=current.version):
-        raise RefusedToClear(f"customer {customer!r} changed while clearing; look again")
+        raise RefusedToClear(f"customer {customer!r} changed while clearing: look again",
+                             forceable=False)
     return status
+
+
+__all__ = ["CustomerStatus", "RefusedToClear", "clear", "list_status", "status_rows"]

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from sfrtr.client import Client
 from sfrtr.emulator import Emulator
 from sfrtr.emulator.sdk import oauth_config, token_grant
 from sfrtr.errors import SfrtrError
 from sfrtr.loop_stall import LoopStallMonitor
 from sfrtr.manager import Credentials, TokenManager
 from sfrtr.oauth import OAuthClient, OutcomeKind
+from sfrtr.salesforce import Client
 from sfrtr.secret import Secret
 from sfrtr.store.memory import MemoryStore
 

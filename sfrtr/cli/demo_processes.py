@@ -1,7 +1,7 @@
 """``sfrtr demo --processes P``: the same storm from P worker processes on a shared store.
 
 The parent serves the emulator, connects the customers, expires sessions and
-prints the table; each worker (``python -m sfrtr.demo_processes --worker ...``)
+prints the table; each worker (``python -m sfrtr.cli.demo_processes --worker ...``)
 runs a token manager on the store and reports its calls and latencies.
 
 Stores (``--store``): ``sqlite`` (the default: a file in a temporary directory,
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import aiohttp
 import orjson
 
-from sfrtr.demo import DemoConfig, Tally, _expire_until, _figures, _report, _worker
+from sfrtr.cli.demo import DemoConfig, Tally, _expire_until, _figures, _report, _worker
 from sfrtr.emulator import Emulator
 from sfrtr.emulator.sdk import oauth_config, token_grant
 from sfrtr.loop_stall import LoopStallMonitor
@@ -163,7 +163,7 @@ async def _run(config: DemoConfig, processes: int, shared: DemoStore,
                 per_process = max(1, config.concurrency // processes)
                 for _ in range(processes):
                     workers.append(await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "sfrtr.demo_processes", "--worker",
+                        sys.executable, "-m", "sfrtr.cli.demo_processes", "--worker",
                         "--login-url", base_url, "--customers", str(config.customers),
                         "--concurrency", str(per_process), "--duration", str(config.duration),
                         stdout=asyncio.subprocess.PIPE, limit=_REPORT_LIMIT, env=env))

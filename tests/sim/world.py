@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import orjson
 
-from sfrtr import admin
+from sfrtr.cli import admin
 from sfrtr.errors import (
     NotConnected,
     ReauthorizationRequired,
