@@ -40,24 +40,29 @@ from sfrtr.oauth import (
 from sfrtr.oauth_state import InvalidState
 from sfrtr.policy import RecoveryMode, RefreshPolicy
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
-from sfrtr.salesforce.client import (
+from sfrtr.salesforce import (
     DEFAULT_API_VERSION,
     Client,
-    LimitInfo,
-    QueryResult,
-    Response,
-    RetryPolicy,
-    UpsertResult,
-)
-from sfrtr.salesforce.errors import (
+    Collections,
     InvalidField,
     InvalidResponse,
+    LimitInfo,
     MalformedQuery,
     NotFound,
+    QueryResult,
+    RecordError,
+    RecordResult,
     RequestLimitExceeded,
+    Response,
+    RetryPolicy,
     SalesforceError,
     ServerUnavailable,
     SessionExpired,
+    UpsertResult,
+    api_usage,
+    format_soql,
+    like_contains,
+    soql_literal,
 )
 from sfrtr.secret import Secret, fingerprint
 from sfrtr.singleflight import Singleflight
@@ -95,6 +100,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_API_VERSION",
     "Client",
+    "Collections",
     "ConfigurationError",
     "CoordinationTimeout",
     "Credentials",
@@ -124,6 +130,8 @@ __all__ = [
     "PostgresStore",
     "QueryResult",
     "ReauthorizationRequired",
+    "RecordError",
+    "RecordResult",
     "RecoveryMode",
     "RefreshIndeterminate",
     "RefreshOutcome",
@@ -150,5 +158,9 @@ __all__ = [
     "UpsertResult",
     "Versioned",
     "__version__",
+    "api_usage",
     "fingerprint",
+    "format_soql",
+    "like_contains",
+    "soql_literal",
 ]

@@ -74,6 +74,7 @@ class OrgData:
     def __init__(self, api_version: str = "67.0") -> None:
         self.api_version = api_version
         self.types: dict[str, SObjectType] = {}
+        self._journal: list[tuple[SObjectType, str, dict[str, Any] | None]] | None = None
         for name, (prefix, extra) in DEFAULT_OBJECTS.items():
             self.define(name, extra, key_prefix=prefix)
 
@@ -118,6 +119,28 @@ class OrgData:
             cleaned[name] = value
         return cleaned
 
+    def begin(self) -> None:
+        """Start recording changes so :meth:`rollback` can undo them (all or none)."""
+        self._journal = []
+
+    def commit(self) -> None:
+        """Keep the changes made since :meth:`begin`."""
+        self._journal = None
+
+    def rollback(self) -> None:
+        """Undo every change made since :meth:`begin`, newest first."""
+        journal, self._journal = self._journal or [], None
+        for sobject, record_id, before in reversed(journal):
+            if before is None:
+                sobject.rows.pop(record_id, None)
+            else:
+                sobject.rows[record_id] = before
+
+    def _remember(self, sobject: SObjectType, record_id: str) -> None:
+        if self._journal is not None:
+            before = sobject.rows.get(record_id)
+            self._journal.append((sobject, record_id, dict(before) if before else None))
+
     def insert(self, type_name: str, values: dict[str, Any], *, stamp: str = "") -> str:
         sobject = self.sobject(type_name)
         if any(k.lower() == "id" for k in values):
@@ -128,6 +151,7 @@ class OrgData:
         row: dict[str, Any] = {f: None for f in sobject.fields}
         row.update(cleaned)
         row.update(Id=record_id, IsDeleted=False, CreatedDate=stamp, LastModifiedDate=stamp)
+        self._remember(sobject, record_id)
         sobject.rows[record_id] = row
         return record_id
 
@@ -167,12 +191,15 @@ class OrgData:
                *, stamp: str = "") -> None:
         sobject = self.sobject(type_name)
         row = self._live_row(sobject, record_id)
-        row.update(self._clean(sobject, values))
+        cleaned = self._clean(sobject, values)
+        self._remember(sobject, record_id)
+        row.update(cleaned)
         row["LastModifiedDate"] = stamp
 
     def delete(self, type_name: str, record_id: str) -> None:
         sobject = self.sobject(type_name)
         row = self._live_row(sobject, record_id)
+        self._remember(sobject, record_id)
         row["IsDeleted"] = True
 
     def find_by(self, type_name: str, field_name: str, value: Any) -> list[dict[str, Any]]:
@@ -189,11 +216,11 @@ class OrgData:
                 f"sObject type '{query.sobject}' is not supported. If you are attempting to use "
                 "a custom object, be sure to append the '__c' after the entity name.")
         names = [sobject.field_name(f) for f in query.fields]
-        conditions = [(sobject.field_name(c.field), c.negated, c.value) for c in query.where]
+        conditions = [(sobject.field_name(c.field), c) for c in query.where]
         rows = [
             r for r in sobject.rows.values()
             if (include_deleted or not r["IsDeleted"])
-            and all((r[name] == value) != negated for name, negated, value in conditions)
+            and all(c.matches(r[name]) for name, c in conditions)
         ]
         if query.order_by is not None:
             key = sobject.field_name(query.order_by)

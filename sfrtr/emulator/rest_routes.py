@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 from aiohttp import web
 
+from sfrtr.emulator import collections_api
 from sfrtr.emulator.records import OrgData, RecordError
 from sfrtr.emulator.soql import SoqlError, parse
 from sfrtr.emulator.state import Org
@@ -248,6 +249,12 @@ def dispatch(em: Emulator, org: Org, method: str, version: str, tail: str,
             return Answer(200, _limits(org))
         if head == "composite" and method == "POST" and not rest:
             return _composite(em, org, version, body)
+        if head == "composite" and rest[:1] == ["sobjects"]:
+            return Answer(*collections_api.answer(org.data, method, rest[1:], params, body))
+        if head == "composite" and method == "POST" and rest == ["graph"]:
+            return _graph(em, org, version, body)
+        if head == "composite" and method == "POST" and len(rest) == 2 and rest[0] == "tree":
+            return _tree(org.data, rest[1], body)
     except RecordError as exc:
         item: dict[str, Any] = {"message": exc.message, "errorCode": exc.code}
         if exc.fields:
@@ -298,14 +305,15 @@ HALTED = [{"errorCode": "PROCESSING_HALTED",
                       "transaction failed."}]
 
 
-def _composite(em: Emulator, org: Org, version: str, body: Any) -> Answer:
+def _composite(em: Emulator, org: Org, version: str, body: Any, *,
+               limit: int = MAX_COMPOSITE) -> Answer:
     if not isinstance(body, dict) or not isinstance(body.get("compositeRequest"), list):
         raise RecordError(400, "JSON_PARSER_ERROR", "compositeRequest must be a list")
     subrequests: list[Any] = body["compositeRequest"]
     all_or_none = bool(body.get("allOrNone", False))
-    if not 1 <= len(subrequests) <= MAX_COMPOSITE:
+    if not 1 <= len(subrequests) <= limit:
         raise RecordError(400, "INVALID_BATCH_REQUEST",
-                          f"a composite request has 1 to {MAX_COMPOSITE} subrequests")
+                          f"a composite request has 1 to {limit} subrequests")
     snapshot = copy.deepcopy(org.data.types) if all_or_none else None
     results: dict[str, Any] = {}
     responses: list[dict[str, Any]] = []
@@ -343,6 +351,71 @@ def _composite(em: Emulator, org: Org, version: str, body: Any) -> Answer:
             if item["httpStatusCode"] < 400:
                 item.update(body=HALTED, httpStatusCode=400)
     return Answer(200, {"compositeResponse": responses})
+
+
+def _graph(em: Emulator, org: Org, version: str, body: Any) -> Answer:
+    """Composite graph: each graph is an all-or-none composite request of its own."""
+    if not isinstance(body, dict) or not isinstance(body.get("graphs"), list):
+        raise RecordError(400, "JSON_PARSER_ERROR", "graphs must be a list")
+    out = []
+    for graph in body["graphs"]:
+        if not isinstance(graph, dict) or not isinstance(graph.get("graphId"), str):
+            raise RecordError(400, "INVALID_BATCH_REQUEST", "each graph needs a graphId")
+        answer = _composite(em, org, version, {"allOrNone": True,
+                                               "compositeRequest": graph.get("compositeRequest")},
+                            limit=500)
+        responses = answer.body["compositeResponse"]
+        out.append({"graphId": graph["graphId"], "graphResponse": {"compositeResponse":
+                                                                  responses},
+                    "isSuccessful": all(r["httpStatusCode"] < 400 for r in responses)})
+    return Answer(200, {"graphs": out})
+
+
+def _tree(org: OrgData, type_name: str, body: Any) -> Answer:
+    """Composite tree: records and their children, inserted all or none."""
+    if not isinstance(body, dict) or not isinstance(body.get("records"), list):
+        raise RecordError(400, "JSON_PARSER_ERROR", "records must be a list")
+    results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    stamp = _stamp()
+    org.begin()
+
+    def insert(record: Any, expected: str, parent: tuple[str, str] | None) -> None:
+        attributes = record.get("attributes") if isinstance(record, dict) else None
+        if not isinstance(attributes, dict) or not isinstance(attributes.get("referenceId"),
+                                                              str):
+            raise RecordError(400, "INVALID_INPUT", "each record needs attributes.referenceId")
+        ref = attributes["referenceId"]
+        name = attributes.get("type", expected)
+        values: dict[str, Any] = {}
+        children: list[Any] = []
+        for key, value in record.items():
+            if key == "attributes":
+                continue
+            if isinstance(value, dict) and isinstance(value.get("records"), list):
+                children += value["records"]
+            else:
+                values[key] = value
+        if parent is not None:
+            link = org.sobject(name).field_name(f"{parent[0]}Id")
+            values[link] = parent[1]
+        try:
+            record_id = org.insert(name, values, stamp=stamp)
+        except RecordError as exc:
+            failed.append({"referenceId": ref, "errors": [
+                {"statusCode": exc.code, "message": exc.message, "fields": exc.fields}]})
+            return
+        results.append({"referenceId": ref, "id": record_id})
+        for child in children:
+            insert(child, name, (org.sobject(name).name, record_id))
+
+    for record in body["records"]:
+        insert(record, type_name, None)
+    if failed:
+        org.rollback()
+        return Answer(400, {"hasErrors": True, "results": failed})
+    org.commit()
+    return Answer(201, {"hasErrors": False, "results": results})
 
 
 def _subrequest(em: Emulator, org: Org, version: str, method: str, url: str,

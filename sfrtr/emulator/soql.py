@@ -3,12 +3,14 @@
 Grammar (keywords case-insensitive)::
 
     SELECT field [, field ...] FROM Object
-      [WHERE field op literal [AND field op literal ...]]
+      [WHERE condition [AND condition ...]]
       [ORDER BY field [ASC|DESC]]
       [LIMIT n]
 
-``op`` is ``=`` or ``!=``; a literal is a single-quoted string (``\\'``
-escapes a quote), a number, ``true``, ``false`` or ``null``. Anything else
+A condition is ``field = literal``, ``field != literal`` or ``field [NOT] IN
+(literal, ...)``; a literal is a single-quoted string (with SOQL's escapes:
+``\\'``, ``\\"``, ``\\\\``, ``\\n``, ``\\r``, ``\\t``, ``\\b``, ``\\f``), a number, a date or
+datetime (kept as its text), ``true``, ``false`` or ``null``. Anything else
 raises :class:`SoqlError`, which the REST layer answers as
 ``400 MALFORMED_QUERY``, as Salesforce does.
 """
@@ -22,8 +24,9 @@ from typing import Any
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<string>'(?:[^'\\]|\\.)*')
+      | (?P<date>\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2}))?)
       | (?P<number>-?\d+(?:\.\d+)?)
-      | (?P<op>!=|=|,)
+      | (?P<op>!=|=|,|\(|\))
       | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
     )""",
     re.VERBOSE,
@@ -34,11 +37,30 @@ class SoqlError(ValueError):
     """The query is outside the supported subset or is not SOQL at all."""
 
 
+_UNESCAPE = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f", "'": "'", '"': '"',
+             "\\": "\\"}
+
+
+def _unescape(body: str) -> str:
+    def one(m: re.Match[str]) -> str:
+        found = _UNESCAPE.get(m.group(1))
+        if found is None:
+            raise SoqlError(f"invalid escape sequence \\{m.group(1)}")
+        return found
+    return re.sub(r"\\(.)", one, body, flags=re.DOTALL)
+
+
 @dataclass(frozen=True)
 class Condition:
     field: str
     negated: bool
     value: Any
+    """The literal; for ``IN`` a tuple of literals."""
+    in_list: bool = False
+
+    def matches(self, found: Any) -> bool:
+        hit = found in self.value if self.in_list else found == self.value
+        return hit != self.negated
 
 
 @dataclass(frozen=True)
@@ -97,7 +119,9 @@ class _Parser:
         kind, value = self.tokens[self.pos]
         self.pos += 1
         if kind == "string":
-            return re.sub(r"\\(.)", r"\1", value[1:-1])
+            return _unescape(value[1:-1])
+        if kind == "date":
+            return value
         if kind == "number":
             return float(value) if "." in value else int(value)
         if kind == "word" and value.lower() in ("true", "false"):
@@ -105,6 +129,30 @@ class _Parser:
         if kind == "word" and value.lower() == "null":
             return None
         raise SoqlError(f"unexpected token: {value!r}")
+
+    def condition(self, name: str) -> Condition:
+        negated = self.peek_word() == "NOT"
+        if negated:
+            self.pos += 1
+        if self.peek_word() == "IN":
+            self.pos += 1
+            if self.take("op") != "(":
+                raise SoqlError("expecting ( after IN")
+            values = [self.literal()]
+            while True:
+                op = self.take("op")
+                if op == ")":
+                    break
+                if op != ",":
+                    raise SoqlError(f"unexpected token: {op!r}")
+                values.append(self.literal())
+            return Condition(name, negated, tuple(values), in_list=True)
+        if negated:
+            raise SoqlError("expecting IN after NOT")
+        op = self.take("op")
+        if op not in ("=", "!="):
+            raise SoqlError(f"unexpected token: {op!r}")
+        return Condition(name, op == "!=", self.literal())
 
     def parse(self) -> Query:
         self.keyword("SELECT")
@@ -122,10 +170,7 @@ class _Parser:
             self.pos += 1
             while True:
                 name = self.take("word")
-                op = self.take("op")
-                if op not in ("=", "!="):
-                    raise SoqlError(f"unexpected token: {op!r}")
-                where.append(Condition(name, op == "!=", self.literal()))
+                where.append(self.condition(name))
                 if self.peek_word() != "AND":
                     break
                 self.pos += 1

@@ -4,6 +4,14 @@ Cheap to create (thousands per process): it holds a customer name and
 shares the token manager and its HTTP session. On ``401 INVALID_SESSION_ID``
 it asks the manager for a token newer than the one that failed and retries
 the request once, so a session that expires mid-iteration goes unnoticed.
+
+Retries: only idempotent methods (GET, HEAD, PUT, DELETE, OPTIONS) are retried,
+on ``503``/``429``, a dropped connection or a timeout, with full-jitter backoff
+and never sooner than the answer's ``Retry-After``. ``403
+REQUEST_LIMIT_EXCEEDED`` (the org's daily API allowance is spent) is never
+retried, and for :attr:`RetryPolicy.limit_cooldown` seconds afterwards calls
+for that customer fail at once without being sent, so a fleet of coroutines
+does not keep hammering an org that has no calls left.
 """
 
 from __future__ import annotations
@@ -11,38 +19,52 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 import orjson
 
 from sfrtr.manager import Credentials, TokenManager
-from sfrtr.salesforce.errors import InvalidResponse, SalesforceError, ServerUnavailable, error_from
+from sfrtr.salesforce.errors import (
+    InvalidResponse,
+    RequestLimitExceeded,
+    SalesforceError,
+    ServerUnavailable,
+    error_from,
+)
+from sfrtr.salesforce.limits import (
+    MAX_RETRY_AFTER,
+    LimitInfo,
+    parse_limit_info,
+    parse_retry_after,
+    usage_table,
+)
+from sfrtr.salesforce.versions import negotiate
+
+if TYPE_CHECKING:
+    from sfrtr.salesforce.collections import Collections
 
 DEFAULT_API_VERSION = "67.0"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-_LIMIT_INFO = re.compile(r"api-usage=(\d+)/(\d+)")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 MAX_BODY = 64 * 1024 * 1024
 
-
-@dataclass(frozen=True, slots=True)
-class LimitInfo:
-    """The org's API usage, from the last ``Sforce-Limit-Info`` header."""
-
-    used: int
-    limit: int
-
-    @property
-    def remaining(self) -> int:
-        return self.limit - self.used
+#: A request body: bytes, or a function returning a fresh async iterable of
+#: chunks (called again for each attempt, so a retried upload starts over).
+Body = bytes | Callable[[], AsyncIterable[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
 class QueryResult:
+    """One page of a SOQL query."""
+
     records: list[dict[str, Any]]
     total_size: int
     done: bool
@@ -51,12 +73,16 @@ class QueryResult:
 
 @dataclass(frozen=True, slots=True)
 class UpsertResult:
+    """What an upsert by external id did: the record's Id, and whether it is new."""
+
     id: str
     created: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Response:
+    """A successful answer: status, headers and the decoded JSON body (or None)."""
+
     status: int
     headers: dict[str, str]
     body: Any = None
@@ -64,14 +90,20 @@ class Response:
 
 @dataclass
 class RetryPolicy:
-    """Backoff with full jitter for idempotent calls on 503 and connection errors."""
+    """Backoff with full jitter for idempotent calls on 503/429 and connection errors.
+
+    ``limit_cooldown``: after ``REQUEST_LIMIT_EXCEEDED``, seconds during which
+    calls for that customer fail locally instead of being sent.
+    """
 
     attempts: int = 3
     base: float = 0.2
     cap: float = 5.0
     rng: random.Random = field(default_factory=random.Random)
+    limit_cooldown: float = 30.0
 
     def delay(self, attempt: int) -> float:
+        """The pause before retry number ``attempt`` (1-based)."""
         return self.rng.uniform(0, min(self.cap, self.base * 2 ** attempt))
 
 
@@ -81,86 +113,202 @@ def _name(kind: str, value: str) -> str:
     return value
 
 
+def sobject_name(value: str) -> str:
+    """``value`` if it is a valid sObject name, else ``ValueError`` (it goes in a path)."""
+    return _name("sObject", value)
+
+
+def field_name(value: str) -> str:
+    """``value`` if it is a valid field name, else ``ValueError``."""
+    return _name("field", value)
+
+
 class Client:
-    """The REST API of one customer's org."""
+    """The REST API of one customer's org.
+
+    ``api_version="auto"`` negotiates the newest version the instance offers,
+    up to ``max_api_version`` (one unauthenticated ``GET /services/data/`` per
+    instance and session, cached).
+
+    ``async with Client(...) as client:`` is supported for symmetry with the
+    rest of the library; the manager and session belong to the caller, so
+    leaving the block closes neither.
+    """
 
     def __init__(self, customer: str, manager: TokenManager, *,
                  session: aiohttp.ClientSession | None = None,
                  api_version: str = DEFAULT_API_VERSION, timeout: float = 30.0,
-                 retry: RetryPolicy | None = None) -> None:
-        if not re.fullmatch(r"\d+\.0", api_version):
-            raise ValueError("api_version looks like '67.0'")
+                 retry: RetryPolicy | None = None,
+                 max_api_version: str = DEFAULT_API_VERSION) -> None:
+        self._negotiate = api_version == "auto"
+        if not self._negotiate and not re.fullmatch(r"\d+\.0", api_version):
+            raise ValueError("api_version looks like '67.0' (or is 'auto')")
+        if not re.fullmatch(r"\d+\.0", max_api_version):
+            raise ValueError("max_api_version looks like '67.0'")
         self.customer = customer
         self.manager = manager
         self._session = session
-        self.api_version = api_version
+        self.api_version = max_api_version if self._negotiate else api_version
+        self.max_api_version = max_api_version
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self.limit_info: LimitInfo | None = None
+        self._usage = usage_table(manager)
 
     def __repr__(self) -> str:
         return f"Client(customer={self.customer!r}, api_version={self.api_version!r})"
 
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        return None
+
     @property
     def session(self) -> aiohttp.ClientSession:
+        """The HTTP session: the one given, else the manager's OAuth session."""
         return self._session if self._session is not None else self.manager.oauth.session
 
     @property
     def base_path(self) -> str:
+        """``/services/data/vNN.0`` for this client's API version."""
         return f"/services/data/v{self.api_version}"
+
+    @property
+    def limit_info(self) -> LimitInfo | None:
+        """The org's API usage from the last answer for this customer (any client)."""
+        return self._usage.get(self.customer)
+
+    @cached_property
+    def collections(self) -> Collections:
+        """sObject Collections: up to 200 records per call, chunked for you."""
+        from sfrtr.salesforce.collections import Collections
+
+        return Collections(self)
 
     # -- the one request path ------------------------------------------------
 
     async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
                       json: Any = None, headers: dict[str, str] | None = None,
-                      timeout: float | None = None) -> Response:
+                      timeout: float | None = None, data: Body | None = None,
+                      content_type: str | None = None) -> Response:
         """Call ``path`` (``/services/...``, or relative to ``/services/data/vNN.0/``).
 
-        Raises :class:`~sfrtr.SalesforceError` (or a subclass) for error answers.
+        Send ``json`` (encoded for you) or raw ``data`` with its
+        ``content_type``. The answer is decoded as JSON. Raises
+        :class:`~sfrtr.SalesforceError` (or a subclass) for error answers.
         """
         method = method.upper()
-        path = self._path(path)
-        body = orjson.dumps(json) if json is not None else None
+        if json is not None:
+            data, content_type = orjson.dumps(json), "application/json"
+        wait = timeout or self.timeout
+        async with self._opened(method, path, params, data, content_type, headers or {},
+                                aiohttp.ClientTimeout(total=wait)) as resp:
+            raw = await _read_bounded(resp)
+            return self._answer(resp.status, dict(resp.headers), raw)
+
+    @asynccontextmanager
+    async def stream(self, method: str, path: str, *, params: dict[str, str] | None = None,
+                     headers: dict[str, str] | None = None, timeout: float | None = None,
+                     data: Body | None = None, content_type: str | None = None
+                     ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Like :meth:`request`, but yield the open response to read as a stream.
+
+        Error answers are raised before anything is yielded. ``timeout``
+        bounds the connection and each read, not the whole body, so a large
+        download is not cut short.
+        """
+        wait = timeout or self.timeout
+        async with self._opened(method.upper(), path, params, data, content_type,
+                                headers or {},
+                                aiohttp.ClientTimeout(sock_connect=wait, sock_read=wait)
+                                ) as resp:
+            yield resp
+
+    @asynccontextmanager
+    async def _opened(self, method: str, path: str, params: dict[str, str] | None,
+                      data: Body | None, content_type: str | None, headers: dict[str, str],
+                      timeout: aiohttp.ClientTimeout) -> AsyncIterator[aiohttp.ClientResponse]:
+        self._check_path(path)
+        self._check_cooldown()
         attempt = 0
         while True:
             try:
-                return await self._authorized(method, path, params, body, headers or {},
-                                              timeout or self.timeout)
-            except (ServerUnavailable, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                resp = await self._authorized(method, path, params, data, content_type,
+                                              headers, timeout)
+                break
+            except (ServerUnavailable, aiohttp.ClientConnectionError,
+                    aiohttp.ClientPayloadError, TimeoutError) as exc:
                 attempt += 1
-                if method not in _IDEMPOTENT or attempt >= self.retry.attempts:
+                pause = self.retry.delay(attempt)
+                asked = exc.retry_after if isinstance(exc, SalesforceError) else None
+                if asked is not None:
+                    pause = max(pause, asked)
+                if method not in _IDEMPOTENT or attempt >= self.retry.attempts or \
+                        (asked is not None and asked > MAX_RETRY_AFTER):
                     if isinstance(exc, SalesforceError):
                         raise
                     raise ServerUnavailable(0, "CONNECTION_ERROR",
                                             f"{type(exc).__name__} talking to Salesforce"
                                             ) from None
-                await asyncio.sleep(self.retry.delay(attempt))
+                await asyncio.sleep(pause)
+            except RequestLimitExceeded as exc:
+                self._usage.exhausted(self.customer, time.monotonic()
+                                      + self.retry.limit_cooldown)
+                exc.limit_info = self.limit_info
+                raise
+        try:
+            yield resp
+        finally:
+            resp.release()
 
-    def _path(self, path: str) -> str:
+    def _check_path(self, path: str) -> None:
         split = urlsplit(path)
         if split.scheme or split.netloc:
             raise ValueError("pass a path, not a URL: tokens only go to the instance URL")
+
+    def _check_cooldown(self) -> None:
+        until = self._usage.exhausted_until(self.customer)
+        if until is not None and time.monotonic() < until:
+            error = RequestLimitExceeded(
+                403, "REQUEST_LIMIT_EXCEEDED",
+                "the org's daily API limit was exceeded moments ago; not sent (retry after "
+                f"{until - time.monotonic():.0f} s)")
+            error.limit_info = self.limit_info
+            raise error
+
+    def _path(self, path: str) -> str:
         if path.startswith("/services/"):
             return path
         return f"{self.base_path}/{path.lstrip('/')}"
 
     async def _authorized(self, method: str, path: str, params: dict[str, str] | None,
-                          body: bytes | None, headers: dict[str, str],
-                          timeout: float) -> Response:
+                          data: Body | None, content_type: str | None,
+                          headers: dict[str, str], timeout: aiohttp.ClientTimeout
+                          ) -> aiohttp.ClientResponse:
         creds = await self.manager.credentials(self.customer)
-        status, answer_headers, raw = await self._send(creds, method, path, params, body,
-                                                       headers, timeout)
-        if status == 401:
+        if self._negotiate:
+            self.api_version = await negotiate(
+                self.session, creds.instance_url, self.max_api_version,
+                self.manager.oauth.config.request_options(creds.instance_url))
+        target = self._path(path)
+        resp = await self._open(creds, method, target, params, data, content_type, headers,
+                                timeout)
+        if resp.status == 401:
+            await _discard(resp)
             creds = await self.manager.refresh(self.customer, stale=creds.access_token)
-            status, answer_headers, raw = await self._send(creds, method, path, params, body,
-                                                           headers, timeout)
-            if status == 401:
+            resp = await self._open(creds, method, target, params, data, content_type,
+                                    headers, timeout)
+            if resp.status == 401:
                 # A session newer than the one that failed is refused too: no refresh
                 # cures this, and each one burns a rotation. Stop refreshing for a while.
-                refused = self._answer_error(status, raw)
+                refused = self._answer_error(resp.status, await _discard(resp))
                 raise await self.manager.reject_session(
                     self.customer, creds.access_token, f"{refused.error_code}: {refused.message}")
-        return self._answer(status, answer_headers, raw)
+        if resp.status >= 300:
+            raw = await _discard(resp)
+            self._answer(resp.status, dict(resp.headers), raw)  # raises
+        return resp
 
     @staticmethod
     def _answer_error(status: int, raw: bytes) -> SalesforceError:
@@ -170,29 +318,24 @@ class Client:
             body = None
         return error_from(status, body)
 
-    async def _send(self, creds: Credentials, method: str, path: str,
-                    params: dict[str, str] | None, body: bytes | None,
-                    headers: dict[str, str], timeout: float
-                    ) -> tuple[int, dict[str, str], bytes]:
+    async def _open(self, creds: Credentials, method: str, path: str,
+                    params: dict[str, str] | None, data: Body | None,
+                    content_type: str | None, headers: dict[str, str],
+                    timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
         all_headers = {"Authorization": f"Bearer {creds.access_token}",
                        "Accept": "application/json", **headers}
-        if body is not None:
-            all_headers["Content-Type"] = "application/json"
+        if data is not None and content_type:
+            all_headers["Content-Type"] = content_type
         options = self.manager.oauth.config.request_options(creds.instance_url)
         all_headers.update(options.pop("headers", {}))
-        async with self.session.request(
-                method, creds.instance_url + path, params=params, data=body,
-                headers=all_headers, allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=timeout), **options) as resp:
-            raw = await resp.content.read(MAX_BODY + 1)
-            while len(raw) <= MAX_BODY and (more := await resp.content.read(MAX_BODY)):
-                raw += more
-            if len(raw) > MAX_BODY:
-                raise InvalidResponse(resp.status, "INVALID_RESPONSE", "answer too large")
-            limit = _LIMIT_INFO.search(resp.headers.get("Sforce-Limit-Info", ""))
-            if limit:
-                self.limit_info = LimitInfo(int(limit.group(1)), int(limit.group(2)))
-            return resp.status, dict(resp.headers), raw
+        body = data() if callable(data) else data
+        resp = await self.session.request(
+            method, creds.instance_url + path, params=params, data=body,
+            headers=all_headers, allow_redirects=False, timeout=timeout, **options)
+        info = parse_limit_info(resp.headers.get("Sforce-Limit-Info"))
+        if info is not None:
+            self._usage.record(self.customer, info)
+        return resp
 
     def _answer(self, status: int, headers: dict[str, str], raw: bytes) -> Response:
         if 300 <= status < 400:
@@ -208,12 +351,17 @@ class Client:
                                           "answer is not JSON") from None
                 body = None
         if status >= 400:
-            raise error_from(status, body)
+            error = error_from(status, body)
+            if status in (429, 503) and not isinstance(error, ServerUnavailable):
+                error = ServerUnavailable(status, error.error_code, error.message)
+            error.retry_after = parse_retry_after(headers.get("Retry-After"))
+            raise error
         return Response(status, headers, body)
 
     # -- queries --------------------------------------------------------------
 
     async def query(self, soql: str) -> QueryResult:
+        """The first page of a SOQL query (build it with :func:`sfrtr.format_soql`)."""
         return _page(await self.request("GET", "query", params={"q": soql}))
 
     async def query_all(self, soql: str) -> QueryResult:
@@ -221,6 +369,7 @@ class Client:
         return _page(await self.request("GET", "queryAll", params={"q": soql}))
 
     async def query_more(self, next_records_url: str) -> QueryResult:
+        """The page at ``next_records_url`` (from a previous :class:`QueryResult`)."""
         if not next_records_url.startswith("/services/data/"):
             raise ValueError("next_records_url is the path Salesforce returned")
         return _page(await self.request("GET", next_records_url))
@@ -239,6 +388,7 @@ class Client:
             page = _page(await self.request("GET", page.next_records_url, headers=headers))
 
     async def search(self, sosl: str) -> list[dict[str, Any]]:
+        """The records a SOSL search finds."""
         body = (await self.request("GET", "search", params={"q": sosl})).body
         records = body.get("searchRecords") if isinstance(body, dict) else body
         if not isinstance(records, list):
@@ -248,12 +398,14 @@ class Client:
     # -- sObjects ------------------------------------------------------------
 
     async def create(self, sobject: str, fields: dict[str, Any]) -> str:
+        """Insert one record; returns its Id. Not retried (not idempotent)."""
         body = (await self.request("POST", f"sobjects/{_name('sObject', sobject)}",
                                    json=fields)).body
         return _str(body, "id")
 
     async def get(self, sobject: str, record_id: str,
                   fields: list[str] | None = None) -> dict[str, Any]:
+        """One record by Id (all fields, or ``fields``); :class:`~sfrtr.NotFound` if none."""
         params = {"fields": ",".join(_name("field", f) for f in fields)} if fields else None
         return _object((await self.request(
             "GET", f"sobjects/{_name('sObject', sobject)}/{quote(record_id, safe='')}",
@@ -261,21 +413,25 @@ class Client:
 
     async def get_by_external_id(self, sobject: str, field_name: str, value: str,
                                  fields: list[str] | None = None) -> dict[str, Any]:
+        """One record by the value of an external id field."""
         params = {"fields": ",".join(_name("field", f) for f in fields)} if fields else None
         return _object((await self.request(
             "GET", f"sobjects/{_name('sObject', sobject)}/{_name('field', field_name)}/"
                    f"{quote(value, safe='')}", params=params)).body)
 
     async def update(self, sobject: str, record_id: str, fields: dict[str, Any]) -> None:
+        """Change fields of one record."""
         await self.request("PATCH", f"sobjects/{_name('sObject', sobject)}/"
                                     f"{quote(record_id, safe='')}", json=fields)
 
     async def delete(self, sobject: str, record_id: str) -> None:
+        """Delete one record (to the recycle bin)."""
         await self.request("DELETE", f"sobjects/{_name('sObject', sobject)}/"
                                      f"{quote(record_id, safe='')}")
 
     async def upsert(self, sobject: str, field_name: str, value: str,
                      fields: dict[str, Any]) -> UpsertResult:
+        """Insert or update the record whose external id ``field_name`` is ``value``."""
         response = await self.request(
             "PATCH", f"sobjects/{_name('sObject', sobject)}/{_name('field', field_name)}/"
                      f"{quote(value, safe='')}", json=fields)
@@ -286,13 +442,16 @@ class Client:
         return UpsertResult(id=_str(body, "id"), created=bool(created))
 
     async def describe(self, sobject: str) -> dict[str, Any]:
+        """The object's metadata: fields, types, URLs."""
         return _object((await self.request(
             "GET", f"sobjects/{_name('sObject', sobject)}/describe")).body)
 
     async def describe_global(self) -> dict[str, Any]:
+        """Every object of the org, briefly."""
         return _object((await self.request("GET", "sobjects")).body)
 
     async def limits(self) -> dict[str, Any]:
+        """The org's limits (``DailyApiRequests`` and the rest)."""
         return _object((await self.request("GET", "limits")).body)
 
     async def composite(self, subrequests: list[dict[str, Any]], *,
@@ -304,6 +463,62 @@ class Client:
         if not isinstance(results, list):
             raise InvalidResponse(200, "INVALID_RESPONSE", "no compositeResponse list")
         return results
+
+    async def composite_tree(self, sobject: str, records: list[dict[str, Any]]
+                             ) -> list[dict[str, Any]]:
+        """Insert up to 200 records with their children in one call (all or none).
+
+        Each record carries ``attributes: {type, referenceId}``; children go
+        under their relationship name as ``{"records": [...]}``. Returns the
+        ``results`` list (``referenceId`` and ``id`` of each inserted record).
+        """
+        body = _object((await self.request(
+            "POST", f"composite/tree/{_name('sObject', sobject)}",
+            json={"records": records})).body)
+        results = body.get("results")
+        if not isinstance(results, list):
+            raise InvalidResponse(200, "INVALID_RESPONSE", "no results list")
+        return results
+
+    async def composite_graph(self, graphs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run several composite graphs (``{graphId, compositeRequest}``) in one call.
+
+        Each graph is all or none on its own. Returns the ``graphs`` list of
+        ``{graphId, isSuccessful, graphResponse}``.
+        """
+        body = _object((await self.request("POST", "composite/graph",
+                                           json={"graphs": graphs})).body)
+        results = body.get("graphs")
+        if not isinstance(results, list):
+            raise InvalidResponse(200, "INVALID_RESPONSE", "no graphs list")
+        return results
+
+    async def apex(self, method: str, path: str, *, json: Any = None,
+                   params: dict[str, str] | None = None,
+                   headers: dict[str, str] | None = None) -> Any:
+        """Call an Apex REST endpoint: ``/services/apexrest/<path>``; returns its JSON."""
+        split = urlsplit(path)
+        if split.scheme or split.netloc or ".." in path.split("/"):
+            raise ValueError("pass the Apex REST path, e.g. 'MyService/items'")
+        return (await self.request(method, f"/services/apexrest/{path.lstrip('/')}",
+                                   json=json, params=params, headers=headers)).body
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
+    raw = await resp.content.read(MAX_BODY + 1)
+    while len(raw) <= MAX_BODY and (more := await resp.content.read(MAX_BODY)):
+        raw += more
+    if len(raw) > MAX_BODY:
+        raise InvalidResponse(resp.status, "INVALID_RESPONSE", "answer too large")
+    return raw
+
+
+async def _discard(resp: aiohttp.ClientResponse) -> bytes:
+    """Read an answer we will not stream (an error), then give the connection back."""
+    try:
+        return await _read_bounded(resp)
+    finally:
+        resp.release()
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -327,3 +542,7 @@ def _page(response: Response) -> QueryResult:
             not isinstance(done, bool) or (next_url is not None and not isinstance(next_url, str)):
         raise InvalidResponse(response.status, "INVALID_RESPONSE", "not a query result")
     return QueryResult(records, total, done, next_url)
+
+
+__all__ = ["DEFAULT_API_VERSION", "Body", "Client", "LimitInfo", "QueryResult", "Response",
+           "RetryPolicy", "UpsertResult", "field_name", "sobject_name"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sfrtr.errors import SfrtrError
+from sfrtr.salesforce.limits import LimitInfo
 
 
 class SalesforceError(SfrtrError):
@@ -17,6 +18,8 @@ class SalesforceError(SfrtrError):
         self.error_code = error_code
         self.message = message
         self.fields = fields or []
+        self.retry_after: float | None = None
+        """Seconds the answer's ``Retry-After`` asked us to wait, if it had one."""
 
 
 class SessionExpired(SalesforceError):
@@ -24,23 +27,32 @@ class SessionExpired(SalesforceError):
 
 
 class NotFound(SalesforceError):
-    pass
+    """The record or resource does not exist (``NOT_FOUND``)."""
 
 
 class MalformedQuery(SalesforceError):
-    pass
+    """The SOQL or SOSL text does not parse (``MALFORMED_QUERY``)."""
 
 
 class InvalidField(SalesforceError):
-    pass
+    """A field or object name is unknown (``INVALID_FIELD``, ``INVALID_TYPE``)."""
 
 
 class RequestLimitExceeded(SalesforceError):
-    pass
+    """The org's daily API allowance is spent (``403 REQUEST_LIMIT_EXCEEDED``).
+
+    Never retried: retrying cannot help until the org's rolling 24-hour usage
+    drops. ``limit_info`` is the last usage Salesforce reported, if any.
+    """
+
+    def __init__(self, status: int, error_code: str, message: str,
+                 fields: list[str] | None = None) -> None:
+        super().__init__(status, error_code, message, fields)
+        self.limit_info: LimitInfo | None = None
 
 
 class ServerUnavailable(SalesforceError):
-    pass
+    """503/429, a dropped connection or a timeout: retried for idempotent calls."""
 
 
 class InvalidResponse(SalesforceError):
@@ -72,7 +84,7 @@ def error_from(status: int, body: Any) -> SalesforceError:
                         else None)
     if status == 404:
         return NotFound(status, "NOT_FOUND", "The requested resource does not exist")
-    if status == 503:
+    if status in (429, 503):
         return ServerUnavailable(status, "SERVER_UNAVAILABLE", "service unavailable")
     return InvalidResponse(status, "INVALID_RESPONSE",
                            "error answer not in Salesforce's [{message, errorCode}] shape")

@@ -1,0 +1,160 @@
+"""The client's API-limit manners, async with, version negotiation, Apex, graph, tree."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiohttp import web
+
+from sfrtr import Client, RequestLimitExceeded, RetryPolicy, ServerUnavailable, api_usage
+from sfrtr.emulator import Emulator
+from sfrtr.salesforce.limits import parse_limit_info, parse_retry_after
+from tests.conftest import emulator_grant
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def client(emulator: Emulator, manager) -> Client:
+    await manager.connect("acme", emulator_grant(emulator, "acme"))
+    return Client("acme", manager, retry=RetryPolicy(base=0.01))
+
+
+async def test_limit_exceeded_is_typed_and_then_held_back_without_sending(
+        emulator: Emulator, client: Client, manager):
+    emulator.world.orgs["acme"].api_limit = 3
+    await client.limits()
+    await client.limits()
+    assert client.limit_info is not None
+    assert client.limit_info.remaining == 1
+    await client.limits()
+    with pytest.raises(RequestLimitExceeded) as info:
+        await client.limits()
+    assert info.value.limit_info is not None
+    assert info.value.limit_info.remaining == 0
+    refused = emulator.ledger["api_refused"]
+    # 50 coroutines of two clients for the same org: none of them reaches the org
+    other = Client("acme", manager)
+    results = await asyncio.gather(*(c.query("SELECT Id FROM Account")
+                                     for c in [client, other] * 25), return_exceptions=True)
+    assert all(isinstance(r, RequestLimitExceeded) for r in results)
+    assert "not sent" in str(results[0])
+    assert emulator.ledger["api_refused"] == refused
+    assert api_usage(manager)["acme"].remaining == 0
+
+
+async def test_usage_is_shared_per_customer(emulator: Emulator, manager):
+    for name in ("a", "b"):
+        await manager.connect(name, emulator_grant(emulator, name))
+    a1, a2, b = Client("a", manager), Client("a", manager), Client("b", manager)
+    await a1.limits()
+    await a1.limits()
+    await b.limits()
+    assert a2.limit_info is not None
+    assert a2.limit_info.used == 2
+    usage = api_usage(manager)
+    assert (usage["a"].used, usage["b"].used) == (2, 1)
+    assert usage["a"].remaining == emulator.api_limit - 2
+
+
+def test_header_parsing():
+    info = parse_limit_info("api-usage=14/15000, per-app-api-usage=2/100(appName=x)")
+    assert info is not None
+    assert (info.used, info.limit, info.remaining) == (14, 15000, 14986)
+    assert parse_limit_info("") is None
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert parse_retry_after("soon") is None
+
+
+async def _stub(emulator: Emulator, manager, routes: list[web.RouteDef]) -> tuple[Client,
+                                                                                web.AppRunner]:
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    record = await manager.connect("stub", emulator_grant(emulator, "stub"))
+    await manager.store.put("stub", record.replace(instance_url=f"http://127.0.0.1:{port}"))
+    return Client("stub", manager, retry=RetryPolicy(base=0.001)), runner
+
+
+async def test_retry_after_is_honoured_for_reads_and_writes_are_not_retried(
+        emulator: Emulator, manager):
+    seen: list[tuple[str, float]] = []
+
+    async def busy(request: web.Request) -> web.Response:
+        seen.append((request.method, time.monotonic()))
+        if len(seen) % 2:
+            return web.json_response([{"message": "busy", "errorCode": "SERVER_UNAVAILABLE"}],
+                                     status=503, headers={"Retry-After": "1"})
+        return web.json_response({"ok": True})
+
+    async def too_long(request: web.Request) -> web.Response:
+        seen.append((request.method, time.monotonic()))
+        return web.Response(status=429, headers={"Retry-After": "3600"})
+
+    client, runner = await _stub(emulator, manager, [
+        web.get("/services/data/v67.0/busy", busy), web.post("/services/data/v67.0/busy", busy),
+        web.get("/services/data/v67.0/long", too_long)])
+    try:
+        assert (await client.request("GET", "busy")).body == {"ok": True}
+        assert seen[1][1] - seen[0][1] >= 0.95  # waited as asked, not the 1 ms backoff
+        seen.clear()
+        with pytest.raises(ServerUnavailable) as info:
+            await client.request("POST", "busy", json={})
+        assert len(seen) == 1
+        assert info.value.retry_after == 1.0
+        seen.clear()
+        with pytest.raises(ServerUnavailable) as info:
+            await client.request("GET", "long")
+        assert len(seen) == 1  # an hour-long Retry-After fails at once
+        assert info.value.status == 429
+    finally:
+        await runner.cleanup()
+
+
+async def test_async_with_version_negotiation_and_apex(emulator: Emulator, manager):
+    await manager.connect("acme", emulator_grant(emulator, "acme"))
+    async with Client("acme", manager, api_version="auto", max_api_version="64.0") as client:
+        await client.limits()
+        assert client.api_version == "64.0"
+        assert client.base_path == "/services/data/v64.0"
+    async with Client("acme", manager, api_version="auto", max_api_version="99.0") as newest:
+        await newest.limits()
+        assert newest.api_version == "67.0"  # the emulator's newest
+    with pytest.raises(ValueError, match="api_version"):
+        Client("acme", manager, api_version="latest")
+    with pytest.raises(ValueError, match="Apex REST path"):
+        await newest.apex("GET", "https://evil.example/x")
+
+
+async def test_composite_tree_and_graph(emulator: Emulator, manager):
+    await manager.connect("acme", emulator_grant(emulator, "acme"))
+    client = Client("acme", manager)
+    results = await client.composite_tree("Account", [
+        {"attributes": {"type": "Account", "referenceId": "acc1"}, "Name": "Tree Co",
+         "Contacts": {"records": [
+             {"attributes": {"type": "Contact", "referenceId": "c1"}, "LastName": "Leaf"}]}}])
+    assert [r["referenceId"] for r in results] == ["acc1", "c1"]
+    contact = await client.get("Contact", results[1]["id"])
+    assert contact["AccountId"] == results[0]["id"]
+    v = client.base_path
+    graphs = await client.composite_graph([
+        {"graphId": "ok", "compositeRequest": [
+            {"method": "POST", "url": f"{v}/sobjects/Account", "referenceId": "a",
+             "body": {"Name": "G"}},
+            {"method": "POST", "url": f"{v}/sobjects/Contact", "referenceId": "c",
+             "body": {"LastName": "x", "AccountId": "@{a.id}"}}]},
+        {"graphId": "bad", "compositeRequest": [
+            {"method": "POST", "url": f"{v}/sobjects/Account", "referenceId": "a",
+             "body": {"Name": "rolled back"}},
+            {"method": "POST", "url": f"{v}/sobjects/Account", "referenceId": "b",
+             "body": {"Nope__c": 1}}]}])
+    assert [(g["graphId"], g["isSuccessful"]) for g in graphs] == [("ok", True), ("bad", False)]
+    names = [r["Name"] for r in (await client.query("SELECT Name FROM Account")).records]
+    assert sorted(names) == ["G", "Tree Co"]
