@@ -15,21 +15,47 @@ async def test_demo_with_sfrtr_has_no_reuse_and_no_failures():
     figures = await run_demo(DemoConfig(customers=5, concurrency=40, duration=2.5,
                                         expire_every=1.0), out=lines.append)
     assert figures["session expiries"] == 2
-    assert figures["redemptions"] == 5 * 2
+    # Exactly one redemption per customer per expiry: the coroutines pick customers at
+    # random (no convoy) and no expiry falls in the run's last half second.
+    assert figures["redemptions"] == figures["expected redemptions"] == 5 * 2
     assert figures["reuse"] == 0
     assert figures["revocations"] == 0
+    assert figures["customers locked out"] == 0
     assert figures["failed calls"] == 0
     assert figures["calls"] > 100
-    assert any("redemptions" in line for line in lines)
-    assert lines[0].startswith("store: the memory store")
+    assert lines[0].startswith("sfrtr demo: 40 coroutines query the Salesforce REST API for "
+                               "5 customers")
+    assert "store: the memory store, one process (--processes P: P processes on SQLite)" in lines
+    assert "expected: 5 customers x 2 expiries = 10 redemptions, no reuse, no customer " \
+           "locked out" in lines
+    assert any("Every 1 s (2 times)" in line for line in lines)
+    progress = [line for line in lines if "calls" in line and "refreshes" in line]
+    assert len(progress) >= 2  # one per second, from the first second on
+    assert any(line.startswith("legend:") for line in lines)
+    assert any(line.lstrip().startswith("reuse ") and "theft" in line for line in lines)
+    assert lines[-1] == ("verdict: 0 of 5 customers locked out, no refresh token reused, "
+                         "10 redemptions as expected: the invariants held")
+
+
+def test_expiries_leave_the_last_half_second_alone():
+    assert DemoConfig(duration=10, expire_every=2).expiry_times() == [2, 4, 6, 8]
+    assert DemoConfig(duration=10.3, expire_every=2).expiry_times() == [2, 4, 6, 8]
+    assert DemoConfig(duration=10.5, expire_every=2).expiry_times() == [2, 4, 6, 8, 10]
+    assert DemoConfig(duration=0.5, expire_every=0.2).expiry_times() == [0.2]
+    assert len(DemoConfig(duration=3, expire_every=0.4).expiry_times()) == 6
 
 
 async def test_naive_demo_shows_reuse_and_revocations():
+    lines: list[str] = []
     figures = await run_demo(DemoConfig(customers=10, concurrency=200, duration=2.5,
-                                        expire_every=1.0, naive=True), out=lambda _: None)
+                                        expire_every=1.0, naive=True), out=lines.append)
     assert figures["reuse"] > 0
     assert figures["revocations"] > 0
     assert figures["failed calls"] > 0
+    locked = int(figures["customers locked out"])
+    assert locked > 0
+    assert lines[-1].startswith(f"verdict: {locked} of 10 customers locked out, ")
+    assert lines[-1].endswith("this is what sfrtr prevents (run without --naive to compare)")
 
 
 def test_cli_rejects_nonsense():
@@ -49,9 +75,17 @@ async def test_demo_across_processes_on_a_local_etcd():
                                              expire_every=1.0), 2, None, store="etcd",
                                   out=lines.append)
     assert any("started a local etcd" in line for line in lines)
-    assert any(line.startswith("store: the etcd store") for line in lines)
+    store = next(line for line in lines if line.startswith("store: the etcd store ("))
+    namespace = store.split("namespace ")[1].split(")")[0]
+    assert namespace.startswith("sfrtr-demo/")
+    assert any(line.strip().startswith("to look at the grants while it runs: sfrtr status "
+                                       "--etcd ") and line.endswith(f"--namespace {namespace}")
+               for line in lines)
     assert figures["session expiries"] == 3
     assert figures["redemptions"] == 5 * 3
+    assert lines[-1].startswith("verdict: 0 of 5 customers locked out")
+    assert any(line.startswith("  max loop stall per worker ms: ") for line in lines)
+    assert sum("calls" in line and "refreshes" in line for line in lines) >= 3
     assert figures["reuse"] == 0
     assert figures["revocations"] == 0
     assert figures["failed calls"] == 0
@@ -63,7 +97,7 @@ async def test_demo_across_processes_on_sqlite_needs_no_server():
     lines: list[str] = []
     figures = await run_processes(DemoConfig(customers=5, concurrency=20, duration=2.5,
                                              expire_every=1.0), 2, out=lines.append)
-    assert lines[0].startswith("store: the SQLite store (")
+    assert any(line.startswith("store: the SQLite store (") for line in lines)
     assert any("2 processes on the sqlite store" in line for line in lines)
     assert figures["session expiries"] >= 1
     assert figures["redemptions"] == 5 * figures["session expiries"]

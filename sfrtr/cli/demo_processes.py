@@ -22,11 +22,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import aiohttp
 import orjson
 
-from sfrtr.cli.demo import DemoConfig, Tally, _expire_until, _figures, _report, _worker
+from sfrtr.cli import demo_report
+from sfrtr.cli.demo import (
+    DemoConfig,
+    Tally,
+    _worker,
+    customer_names,
+    expire_until,
+    figures_of,
+)
 from sfrtr.emulator import Emulator
 from sfrtr.emulator.sdk import oauth_config, token_grant
 from sfrtr.loop_stall import LoopStallMonitor
@@ -55,8 +64,11 @@ class DemoStore:
     kind: str
     where: str
     namespace: str = ""
+    local: bool = False
+    """A server started for this run and stopped at its end."""
 
     def open(self) -> TokenStore:
+        """A store of this kind at ``where`` (one per process)."""
         if self.kind == "sqlite":
             return SqliteStore(self.where)
         if self.kind == "postgres":
@@ -71,6 +83,7 @@ class DemoStore:
         raise ValueError(f"the {self.kind} store cannot be shared by processes")
 
     def describe(self) -> str:
+        """The store, where it is, and (etcd, Postgres) the namespace or schema."""
         if self.kind == "sqlite":
             return f"the SQLite store ({self.where})"
         if self.kind == "postgres":
@@ -99,7 +112,8 @@ async def demo_store(kind: str, *, etcd: str | None = None, postgres: str | None
             etcd = local.endpoint
             out(f"started a local etcd on {etcd}")
         try:
-            yield DemoStore("etcd", etcd, f"sfrtr-demo/{uuid.uuid4().hex[:8]}")
+            yield DemoStore("etcd", etcd, f"sfrtr-demo/{uuid.uuid4().hex[:8]}",
+                            local=local is not None)
         finally:
             if local is not None:
                 local.close()
@@ -133,10 +147,6 @@ def _oauth(login_url: str, session: aiohttp.ClientSession | None = None) -> OAut
     return OAuthClient(oauth_config(login_url), session)
 
 
-def _customers(n: int) -> list[str]:
-    return [f"customer-{i:03d}" for i in range(n)]
-
-
 async def run_processes(config: DemoConfig, processes: int, etcd: str | None = None,
                         *, store: str = "sqlite", postgres: str | None = None,
                         out: Callable[[str], object] = print) -> dict[str, float]:
@@ -147,16 +157,23 @@ async def run_processes(config: DemoConfig, processes: int, etcd: str | None = N
 
 async def _run(config: DemoConfig, processes: int, shared: DemoStore,
                out: Callable[[str], object]) -> dict[str, float]:
-    out(f"store: {shared.describe()}, shared by {processes} worker process(es)")
+    demo_report.header(out, config, f"{shared.describe()}, shared by {processes} worker "
+                       "process(es)", processes=processes)
+    if shared.kind == "etcd":
+        when = "while it runs" if shared.local else "during and after the run"
+        out(f"  to look at the grants {when}: sfrtr status --etcd {shared.where} "
+            f"--namespace {shared.namespace}")
     emulator = Emulator(api_limit=10**9)
     emulator.faults.set("token", latency=config.token_latency)
     workers: list[asyncio.subprocess.Process] = []
+    readers: list[asyncio.Task[dict[str, Any]]] = []
     env = {**os.environ, _STORE_ENV: orjson.dumps(asdict(shared)).decode()}
+    customers = customer_names(config.customers)
     try:
         async with emulator.serve() as base_url:
             manager = TokenManager(_oauth(base_url), shared.open())
             try:
-                for c in _customers(config.customers):
+                for c in customers:
                     emulator.seed(c, "Account",
                                   [{"Name": f"{c} account {n}"} for n in range(5)])
                     await manager.connect(c, token_grant(emulator, c))
@@ -172,37 +189,57 @@ async def _run(config: DemoConfig, processes: int, shared: DemoStore,
                     if (await w.stdout.readline()).strip() != b"READY":
                         raise RuntimeError("a demo worker failed to start")
                 started = time.monotonic()
-                expiries = await _expire_until(emulator, config, started,
-                                               started + config.duration, lambda t: None)
+                live = [(0, 0)] * len(workers)
+                readers += [asyncio.create_task(_read_reports(w, i, live))
+                            for i, w in enumerate(workers)]
+                progress = demo_report.Progress(
+                    out, emulator, customers,
+                    lambda: (sum(c for c, _ in live), sum(e for _, e in live)))
+                expiries = await expire_until(emulator, config, started, progress)
                 tally = Tally()
                 stalls: list[float] = []
-                for w in workers:
-                    assert w.stdout is not None
-                    line = await w.stdout.readline()
-                    if not line:
-                        raise RuntimeError("a demo worker died before reporting")
-                    report = orjson.loads(line)
+                for reader in readers:
+                    report = await reader
                     stalls.append(report["max_stall"])
                     tally.calls += report["calls"]
                     tally.errors += report["errors"]
                     tally.latencies += report["latencies"]
                     for kind, n in report["kinds"].items():
                         tally.kinds[kind] = tally.kinds.get(kind, 0) + n
+                for w in workers:
                     await w.wait()
                 elapsed = time.monotonic() - started
             finally:
                 await manager.aclose()
-        figures = _figures(tally, emulator, expiries, elapsed)
+            figures = figures_of(tally, emulator, customers, expiries, elapsed)
         figures["max loop stall ms"] = 1000 * max(stalls, default=0.0)
-        _report(out, f"sfrtr, {processes} processes on the {shared.kind} store", config,
-                figures, tally)
-        out("  max loop stall per worker ms: " + ", ".join(f"{1000 * s:.0f}" for s in stalls))
+        demo_report.report(out, f"sfrtr, {processes} processes on the {shared.kind} store",
+                           config, figures, tally.kinds, notes=(
+                               "max loop stall per worker ms: "
+                               + ", ".join(f"{1000 * s:.0f}" for s in stalls),))
         return figures
     finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
         for w in workers:
             if w.returncode is None:
                 w.kill()
                 await w.wait()
+
+
+async def _read_reports(worker: asyncio.subprocess.Process, index: int,
+                        live: list[tuple[int, int]]) -> dict[str, Any]:
+    """Follow one worker's progress lines; return its final report."""
+    assert worker.stdout is not None
+    while True:
+        line = await worker.stdout.readline()
+        if not line:
+            raise RuntimeError("a demo worker died before reporting")
+        message = orjson.loads(line)
+        if "latencies" in message:
+            return dict(message)
+        live[index] = (message["calls"], message["errors"])
 
 
 async def _work(args: argparse.Namespace) -> None:
@@ -216,13 +253,22 @@ async def _work(args: argparse.Namespace) -> None:
         print("READY", flush=True)
         tally = Tally()
         stop_at = time.monotonic() + args.duration
-        customers = _customers(args.customers)
+        customers = customer_names(args.customers)
+        ticker = asyncio.create_task(_report_progress(tally))
         await asyncio.gather(*(_worker(http, manager, customers, i, stop_at, tally)
                                for i in range(args.concurrency)))
+        ticker.cancel()
         await manager.aclose()
     print(orjson.dumps({"calls": tally.calls, "errors": tally.errors, "kinds": tally.kinds,
                         "latencies": tally.latencies, "max_stall": monitor.stop()}).decode(),
           flush=True)
+
+
+async def _report_progress(tally: Tally) -> None:
+    """Tell the parent this worker's running counts, for its live progress line."""
+    while True:
+        await asyncio.sleep(0.25)
+        print(orjson.dumps({"calls": tally.calls, "errors": tally.errors}).decode(), flush=True)
 
 
 def _worker_main() -> None:
