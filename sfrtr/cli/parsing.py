@@ -26,8 +26,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if ("%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS)
-                and action.option_strings and action.nargs != 0):
+        default = action.default
+        if ("%(default)" not in text and action.option_strings and action.nargs != 0
+                and default is not None and default is not False
+                and default is not argparse.SUPPRESS):
             text += " (default: %(default)s)"
         return text
 
