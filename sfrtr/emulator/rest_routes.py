@@ -437,8 +437,22 @@ def _bearer(request: web.Request) -> str | None:
     return None
 
 
-async def data_api(request: web.Request) -> web.StreamResponse:
-    """Entry for every authenticated call under ``/services/data/vNN.0/``."""
+@dataclass
+class Caller:
+    """An admitted data call: whose org, which API version, which grant."""
+
+    em: Emulator
+    org: Org
+    family_id: str
+    version: str
+
+
+async def admit(request: web.Request) -> Caller | web.StreamResponse:
+    """Faults, version, bearer auth and the API limit, as for every data call.
+
+    Returns the caller, or the answer that refuses the call. Counts the call
+    against the org's daily limit (as Salesforce does for REST and Bulk API 2.0).
+    """
     em = _emulator(request)
     faults = em.faults["api"]
     if faults.take_reset():
@@ -455,7 +469,6 @@ async def data_api(request: web.Request) -> web.StreamResponse:
         return api_error(410, "GONE", "This version of the API has been retired.")
     if number > LATEST_VERSION:
         return api_error(404, "NOT_FOUND", "The requested resource does not exist")
-    version = f"{number}.0"
     token_value = _bearer(request)
     access = em.world.access_index.get(token_value or "")
     now = time.time()
@@ -467,10 +480,20 @@ async def data_api(request: web.Request) -> web.StreamResponse:
     if org.api_used >= org.api_limit:
         em.ledger.count("api_refused", access.family.family_id)
         return api_error(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.",
-                         headers=_limit_header(org))
+                         headers=limit_header(org))
     org.api_used += 1
     if delay := faults.delay(em.rng):
         await asyncio.sleep(delay)
+    return Caller(em, org, access.family.family_id, f"{number}.0")
+
+
+async def data_api(request: web.Request) -> web.StreamResponse:
+    """Entry for every authenticated call under ``/services/data/vNN.0/``."""
+    caller = await admit(request)
+    if not isinstance(caller, Caller):
+        return caller
+    em, org, version = caller.em, caller.org, caller.version
+    faults = em.faults["api"]
     body: Any = None
     if request.can_read_body:
         raw = await request.read()
@@ -478,18 +501,17 @@ async def data_api(request: web.Request) -> web.StreamResponse:
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:
-                em.ledger.count("api_refused", access.family.family_id)
+                em.ledger.count("api_refused", caller.family_id)
                 return api_error(400, "JSON_PARSER_ERROR", "The request body is not valid JSON.",
-                                 headers=_limit_header(org))
+                                 headers=limit_header(org))
     method = request.method
     if method == "POST" and request.query.get("_HttpMethod") == "PATCH":
         method = "PATCH"
     answer = dispatch(em, org, method, version, request.match_info["tail"],
                       dict(request.query), body,
                       _batch_size(request.headers.get("Sforce-Query-Options")))
-    em.ledger.count("api_served" if answer.status < 400 else "api_refused",
-                    access.family.family_id)
-    headers = _limit_header(org)
+    em.ledger.count("api_served" if answer.status < 400 else "api_refused", caller.family_id)
+    headers = limit_header(org)
     if answer.body is None:
         response = web.Response(status=answer.status, headers=headers)
     else:
@@ -497,5 +519,5 @@ async def data_api(request: web.Request) -> web.StreamResponse:
     return await finish(request, response, faults)
 
 
-def _limit_header(org: Org) -> dict[str, str]:
+def limit_header(org: Org) -> dict[str, str]:
     return {"Sforce-Limit-Info": f"api-usage={org.api_used}/{org.api_limit}"}

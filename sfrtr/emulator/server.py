@@ -11,7 +11,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sfrtr.emulator import oauth_routes, rest_routes
+from sfrtr.emulator import bulk_routes, oauth_routes, rest_routes
+from sfrtr.emulator.bulk_jobs import BulkJobs
 from sfrtr.emulator.faults import FaultBoard
 from sfrtr.emulator.ledger import Ledger
 from sfrtr.emulator.records import OrgData
@@ -42,6 +43,8 @@ class Emulator:
         self.faults = FaultBoard()
         self.ledger = Ledger()
         self.cursors = rest_routes.Cursors()
+        self.bulk = BulkJobs()
+        """Bulk API 2.0 jobs, and their knobs (upload limit, processing pace)."""
         self.rng = random.Random(rng_seed)
         self.instance_url = instance_url
         """Instance URL put in token answers; ``None``: the URL the request came to."""
@@ -132,6 +135,7 @@ class Emulator:
         r.add_get("/services/oauth2/revoke", oauth_routes.revoke)
         r.add_get("/services/data", rest_routes.versions)
         r.add_get("/services/data/", rest_routes.versions)
+        r.add_route("*", "/services/data/{version}/jobs/{tail:.*}", bulk_routes.jobs)
         r.add_route("*", "/services/data/{version}/{tail:.*}", rest_routes.data_api)
         r.add_route("*", "/services/data/{version}", rest_routes.data_api)
         r.add_get("/_emulator/ledger", self._admin_ledger)

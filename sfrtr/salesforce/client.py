@@ -49,6 +49,7 @@ from sfrtr.salesforce.limits import (
 from sfrtr.salesforce.versions import negotiate
 
 if TYPE_CHECKING:
+    from sfrtr.salesforce.bulk import Bulk
     from sfrtr.salesforce.collections import Collections
 
 DEFAULT_API_VERSION = "67.0"
@@ -186,31 +187,42 @@ class Client:
 
         return Collections(self)
 
+    @cached_property
+    def bulk(self) -> Bulk:
+        """Bulk API 2.0: ingest and query jobs, streamed in constant memory."""
+        from sfrtr.salesforce.bulk import Bulk
+
+        return Bulk(self)
+
     # -- the one request path ------------------------------------------------
 
     async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
                       json: Any = None, headers: dict[str, str] | None = None,
                       timeout: float | None = None, data: Body | None = None,
-                      content_type: str | None = None) -> Response:
+                      content_type: str | None = None,
+                      idempotent: bool | None = None) -> Response:
         """Call ``path`` (``/services/...``, or relative to ``/services/data/vNN.0/``).
 
         Send ``json`` (encoded for you) or raw ``data`` with its
         ``content_type``. The answer is decoded as JSON. Raises
         :class:`~sfrtr.SalesforceError` (or a subclass) for error answers.
+        ``idempotent`` overrides the method's default for retries (a PUT that
+        appends, like a Bulk upload, passes False).
         """
         method = method.upper()
         if json is not None:
             data, content_type = orjson.dumps(json), "application/json"
         wait = timeout or self.timeout
         async with self._opened(method, path, params, data, content_type, headers or {},
-                                aiohttp.ClientTimeout(total=wait)) as resp:
+                                aiohttp.ClientTimeout(total=wait), idempotent) as resp:
             raw = await _read_bounded(resp)
             return self._answer(resp.status, dict(resp.headers), raw)
 
     @asynccontextmanager
     async def stream(self, method: str, path: str, *, params: dict[str, str] | None = None,
                      headers: dict[str, str] | None = None, timeout: float | None = None,
-                     data: Body | None = None, content_type: str | None = None
+                     data: Body | None = None, content_type: str | None = None,
+                     idempotent: bool | None = None
                      ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Like :meth:`request`, but yield the open response to read as a stream.
 
@@ -221,15 +233,17 @@ class Client:
         wait = timeout or self.timeout
         async with self._opened(method.upper(), path, params, data, content_type,
                                 headers or {},
-                                aiohttp.ClientTimeout(sock_connect=wait, sock_read=wait)
-                                ) as resp:
+                                aiohttp.ClientTimeout(sock_connect=wait, sock_read=wait),
+                                idempotent) as resp:
             yield resp
 
     @asynccontextmanager
     async def _opened(self, method: str, path: str, params: dict[str, str] | None,
                       data: Body | None, content_type: str | None, headers: dict[str, str],
-                      timeout: aiohttp.ClientTimeout) -> AsyncIterator[aiohttp.ClientResponse]:
+                      timeout: aiohttp.ClientTimeout, idempotent: bool | None
+                      ) -> AsyncIterator[aiohttp.ClientResponse]:
         self._check_path(path)
+        retryable = method in _IDEMPOTENT if idempotent is None else idempotent
         self._check_cooldown()
         attempt = 0
         while True:
@@ -244,7 +258,7 @@ class Client:
                 asked = exc.retry_after if isinstance(exc, SalesforceError) else None
                 if asked is not None:
                     pause = max(pause, asked)
-                if method not in _IDEMPOTENT or attempt >= self.retry.attempts or \
+                if not retryable or attempt >= self.retry.attempts or \
                         (asked is not None and asked > MAX_RETRY_AFTER):
                     if isinstance(exc, SalesforceError):
                         raise
