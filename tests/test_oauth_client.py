@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sfrtr import OAuthError, Secret
+from sfrtr import OAuthClient, OAuthError, Secret
 from sfrtr.emulator import Emulator
 from sfrtr.oauth import pkce
 from sfrtr.oauth.client import basic_credentials
@@ -115,3 +115,47 @@ async def test_wrong_proxy_credentials_do_not_redeem(emulator: Emulator, proxy):
     assert fp.forwarded == []
     assert emulator.ledger["redemptions"] == 0
     await oauth.aclose()
+
+
+async def test_async_with_closes_only_the_session_it_made(emulator: Emulator):
+    async with emulator_oauth(emulator) as oauth:
+        grant = emulator_grant(emulator, "acme")
+        assert (await oauth.introspect(grant.access_token, hint="access_token")).active
+        own = oauth.session
+    assert own.closed
+    async with aiohttp.ClientSession() as given:
+        async with OAuthClient(emulator_oauth(emulator).config, given) as oauth:
+            assert oauth.session is given
+        assert not given.closed  # the caller's to close
+
+
+async def test_a_truncated_answer_is_sfrtrs_error_not_aiohttps():
+    """An answer cut short (a ClientPayloadError inside aiohttp) never escapes as an
+    aiohttp exception: the calls that raise raise TokenEndpointUnavailable, a refresh
+    is INDETERMINATE (the request was sent)."""
+    import asyncio
+
+    from sfrtr import OAuthConfig, OutcomeKind, TokenEndpointUnavailable
+
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"access")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut_short, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with OAuthClient(OAuthConfig(client_id="app", client_secret=Secret("s"),
+                                           login_url=f"http://127.0.0.1:{port}")) as oauth:
+            for call in (oauth.exchange_code("c", redirect_uri=CALLBACK, code_verifier="v"),
+                         oauth.revoke(Secret("t")), oauth.introspect(Secret("t"))):
+                with pytest.raises(TokenEndpointUnavailable, match="ClientPayloadError"):
+                    await call
+            outcome = await oauth.refresh(Secret("r"))
+            assert outcome.kind is OutcomeKind.INDETERMINATE
+            assert outcome.error == "ClientPayloadError"
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -18,6 +18,7 @@ class OneLineParser(argparse.ArgumentParser):
     (argparse's default prints the whole usage first) and points at ``--help``."""
 
     def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message (see 'prog --help')`` and exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 

@@ -52,6 +52,9 @@ _BEFORE_SEND: tuple[type[BaseException], ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Introspection:
+    """What introspection says of a token: whether it is live, and its times
+    (epoch seconds) when the provider tells them."""
+
     active: bool
     expires_at: float | None = None
     issued_at: float | None = None
@@ -104,6 +107,7 @@ class OAuthConfig:
 
     @property
     def token_url(self) -> str:
+        """The token endpoint: ``login_url`` + ``/services/oauth2/token``."""
         return self.login_url.rstrip("/") + "/services/oauth2/token"
 
     def request_options(self, url: str) -> dict[str, Any]:
@@ -124,7 +128,15 @@ class OAuthConfig:
 
 
 class OAuthClient:
-    """Talks to one connected app's token endpoint."""
+    """Talks to one connected app's token endpoint.
+
+    Without ``session`` it makes its own aiohttp session on first use and closes
+    it in :meth:`aclose`; a session passed in stays the caller's to close. Use it
+    as ``async with OAuthClient(config) as oauth:`` to close it on the way out.
+    Transport failures never escape as aiohttp's exceptions: a refresh is
+    classified (:class:`RefreshOutcome`), the other calls raise
+    :class:`~sfrtr.TokenEndpointUnavailable`.
+    """
 
     def __init__(self, config: OAuthConfig, session: aiohttp.ClientSession | None = None) -> None:
         self.config = config
@@ -137,6 +149,7 @@ class OAuthClient:
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        """The aiohttp session requests go through (made here when none was given)."""
         if self._session is None or self._session.closed:
             # One pool for token and API calls. aiohttp's default cap of 100
             # connections queues requests unfairly under load; allow more.
@@ -145,7 +158,14 @@ class OAuthClient:
             self._owns_session = True
         return self._session
 
+    async def __aenter__(self) -> OAuthClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
+        """Close the session this client made (not one it was given). Idempotent."""
         if self._owns_session and self._session is not None:
             await self._session.close()
 
@@ -295,6 +315,8 @@ class OAuthClient:
 
     def authorize_url(self, *, redirect_uri: str, state: str, code_challenge: str,
                       scope: str = "api refresh_token", login_hint: str | None = None) -> str:
+        """The URL to send the customer's browser to (web-server flow with PKCE S256):
+        the answer comes back to ``redirect_uri`` with ``code`` and ``state``."""
         params = {"response_type": "code", "client_id": self.config.client_id,
                   "redirect_uri": redirect_uri, "state": state, "scope": scope,
                   "code_challenge": code_challenge, "code_challenge_method": "S256"}
@@ -318,12 +340,16 @@ class OAuthClient:
         return grant
 
     async def revoke(self, token: Secret) -> None:
+        """Revoke a token (a refresh token revokes its whole grant).
+        Raises :class:`~sfrtr.OAuthError` on refusal."""
         url = self.config.login_url.rstrip("/") + "/services/oauth2/revoke"
         status, body = await self._call(url, {"token": token.reveal()})
         if status != 200:
             raise _oauth_error(status, body)
 
     async def introspect(self, token: Secret, *, hint: str = "refresh_token") -> Introspection:
+        """Ask whether ``token`` is live (never presents it for redemption).
+        Raises :class:`~sfrtr.OAuthError` on refusal."""
         url = self.config.login_url.rstrip("/") + "/services/oauth2/introspect"
         status, body = await self._call(url, self._form(token=token.reveal(),
                                                         token_type_hint=hint))

@@ -37,6 +37,7 @@ class InstanceUrlPolicy:
 
     @classmethod
     def for_emulator(cls) -> InstanceUrlPolicy:
+        """Loopback ``http`` URLs only: what the emulator's answers name."""
         return cls(domains=(), allow_loopback_http=True)
 
     def validate(self, url: object) -> str:

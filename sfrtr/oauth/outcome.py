@@ -10,6 +10,8 @@ from sfrtr.secret import Secret
 
 
 class OutcomeKind(enum.StrEnum):
+    """How a refresh ended, as far as the refresh token's fate goes."""
+
     OK = "ok"
     """Redeemed: a new access (and, under rotation, refresh) token."""
     REJECTED = "rejected"
@@ -33,6 +35,9 @@ class OutcomeKind(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RefreshOutcome:
+    """What :meth:`~sfrtr.OAuthClient.refresh` returns: the kind, the grant when
+    ``OK``, and the provider's error otherwise (never raises for those)."""
+
     kind: OutcomeKind
     grant: TokenGrant | None = None
     error: str = ""

@@ -13,5 +13,6 @@ def make_verifier() -> str:
 
 
 def challenge(verifier: str) -> str:
+    """The S256 code challenge of ``verifier``: base64url(SHA-256), unpadded."""
     digest = hashlib.sha256(verifier.encode()).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
