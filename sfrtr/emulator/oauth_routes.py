@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from sfrtr.emulator import server_grants
 from sfrtr.emulator.state import ConnectedApp, Family, PendingCode
 from sfrtr.emulator.wire import drop_connection, finish, json_response, oauth_error
 
@@ -130,6 +131,16 @@ async def token(request: web.Request) -> web.StreamResponse:
     if isinstance(form, web.Response):
         return form
     grant_type = form.get("grant_type")
+    if grant_type in (server_grants.JWT_GRANT, "client_credentials"):
+        if delay := faults.delay(em.rng):
+            await asyncio.sleep(delay)
+        if grant_type == server_grants.JWT_GRANT:
+            return await finish(request, server_grants.jwt_bearer(em, request, form), faults)
+        creds = _client_credentials(request, form)
+        if isinstance(creds, web.Response):
+            return creds
+        return await finish(request, server_grants.client_credentials(em, request, form, *creds),
+                            faults)
     if grant_type not in ("refresh_token", "authorization_code"):
         return oauth_error("unsupported_grant_type", "grant type not supported")
     app = authenticate_client(request, form, secret_required=grant_type == "authorization_code")

@@ -16,6 +16,7 @@ from sfrtr.emulator.bulk_jobs import BulkJobs
 from sfrtr.emulator.faults import FaultBoard
 from sfrtr.emulator.ledger import Ledger
 from sfrtr.emulator.records import OrgData
+from sfrtr.emulator.server_grants import ServerGrants
 from sfrtr.emulator.state import ConnectedApp, Org, World, new_org_id, new_user_id
 from sfrtr.emulator.token_state import TokenState, TokenStates, normalize_fingerprint
 from sfrtr.emulator.wire import api_error, json_response, oauth_error
@@ -45,6 +46,8 @@ class Emulator:
         self.cursors = rest_routes.Cursors()
         self.bulk = BulkJobs()
         """Bulk API 2.0 jobs, and their knobs (upload limit, processing pace)."""
+        self.server_grants = ServerGrants()
+        """Apps allowed the JWT bearer and client credentials grants."""
         self.rng = random.Random(rng_seed)
         self.instance_url = instance_url
         """Instance URL put in token answers; ``None``: the URL the request came to."""

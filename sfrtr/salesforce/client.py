@@ -25,13 +25,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 import orjson
 
-from sfrtr.manager import Credentials, TokenManager
+from sfrtr.manager import Credentials
+from sfrtr.oauth.client import OAuthClient
 from sfrtr.salesforce.errors import (
     InvalidResponse,
     RequestLimitExceeded,
@@ -108,6 +109,32 @@ class RetryPolicy:
         return self.rng.uniform(0, min(self.cap, self.base * 2 ** attempt))
 
 
+class TokenSource(Protocol):
+    """What :class:`Client` needs from whoever holds the tokens.
+
+    :class:`~sfrtr.TokenManager` (refresh tokens, rotated safely) and
+    :class:`~sfrtr.ServerTokenSource` (JWT bearer, client credentials) both are.
+    """
+
+    @property
+    def oauth(self) -> OAuthClient:
+        """The HTTP session, proxy and instance URL policy API calls use."""
+        ...
+
+    async def credentials(self, customer: str) -> Credentials:
+        """A token believed fresh, and its instance URL."""
+        ...
+
+    async def refresh(self, customer: str, *, stale: str) -> Credentials:
+        """A token other than ``stale``, which Salesforce refused."""
+        ...
+
+    async def reject_session(self, customer: str, access_token: str,
+                             reason: str) -> Exception:
+        """Note that a just-issued token was refused; return the error to raise."""
+        ...
+
+
 def _name(kind: str, value: str) -> str:
     if not _NAME.match(value):
         raise ValueError(f"invalid {kind} name {value!r}")
@@ -136,7 +163,7 @@ class Client:
     leaving the block closes neither.
     """
 
-    def __init__(self, customer: str, manager: TokenManager, *,
+    def __init__(self, customer: str, manager: TokenSource, *,
                  session: aiohttp.ClientSession | None = None,
                  api_version: str = DEFAULT_API_VERSION, timeout: float = 30.0,
                  retry: RetryPolicy | None = None,
@@ -559,4 +586,4 @@ def _page(response: Response) -> QueryResult:
 
 
 __all__ = ["DEFAULT_API_VERSION", "Body", "Client", "LimitInfo", "QueryResult", "Response",
-           "RetryPolicy", "UpsertResult", "field_name", "sobject_name"]
+           "RetryPolicy", "TokenSource", "UpsertResult", "field_name", "sobject_name"]
