@@ -31,6 +31,15 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site from docs/ and the docstrings (mkdocs.yml), into site/;
+    every warning is an error (a broken link, a missing page, a bad reference)."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs,
+                env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """The benchmark suite: prints tables, writes JSON and a PNG under benchmarks/results/."""
     session.install("-e", ".[test,plot]")

@@ -47,3 +47,11 @@ def test_the_use_it_program_runs_against_sfrtr_emulator():
     assert ran.stdout == "0 accounts; refreshed once\n"
     assert ran.stderr == ""
     assert emulator.returncode == 0
+
+
+def test_the_docs_site_shows_the_same_program():
+    """docs/getting-started.md includes docs/quickstart.py: it must be the README's."""
+    program = next(block for block in code_blocks("python") if "asyncio.run(main())" in block)
+    quickstart = Path(__file__).parent.parent / "docs" / "quickstart.py"
+    assert quickstart.read_text() == program
+    assert '--8<-- "docs/quickstart.py"' in (quickstart.parent / "getting-started.md").read_text()
