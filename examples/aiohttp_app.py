@@ -1,15 +1,25 @@
 """A small aiohttp service on sfrtr, against the built-in emulator.
 
-    python examples/aiohttp_app.py            # then open http://127.0.0.1:8080/
+    python examples/aiohttp_app.py --port 8080    # then open http://127.0.0.1:8080/
 
-Pages: ``/`` (links), ``/salesforce/connect?customer=acme`` (the OAuth flow; the
-emulator approves at once), ``/accounts?customer=acme`` (a query through sfrtr).
+Pages: ``/?customer=acme`` (links, and a button that disconnects),
+``/salesforce/connect?customer=acme`` (the OAuth flow; the emulator approves at
+once), ``/accounts?customer=acme`` (a query through sfrtr).
+
+``--emulator URL`` uses an emulator already running instead of starting one;
+``--sqlite PATH`` keeps the tokens in a SQLite file that several copies of this
+app (several worker processes) share; ``--redirect-uri URL`` is the public
+callback URL when they sit behind one load balancer.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import html
+from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -18,52 +28,95 @@ import sfrtr.aiohttp as sfrtr_aiohttp
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
 
 
+def _customer(request: web.Request) -> str:
+    return request.query.get("customer", "acme")
+
+
 async def index(request: web.Request) -> web.Response:
+    customer = _customer(request)
+    c = quote(customer)
+    token = await sfrtr_aiohttp.csrf_token(request)
     return web.Response(content_type="text/html", text=(
-        "<h1>sfrtr example</h1>"
-        '<p><a href="/salesforce/connect?customer=acme&login_hint=acme">Connect acme</a></p>'
-        '<p><a href="/accounts?customer=acme">Query acme\'s accounts</a></p>'))
+        f"<h1>sfrtr example: {html.escape(customer)}</h1>"
+        f'<p><a id="connect" href="/salesforce/connect?customer={c}&login_hint={c}">'
+        f"Connect {html.escape(customer)}</a></p>"
+        f'<p><a id="accounts" href="/accounts?customer={c}">'
+        f"Query {html.escape(customer)}'s accounts</a></p>"
+        f'<form id="disconnect" method="post" action="/salesforce/disconnect?customer={c}">'
+        f'<input type="hidden" name="csrf_token" value="{html.escape(token)}">'
+        f'<button type="submit">Disconnect {html.escape(customer)}</button></form>'))
 
 
 async def accounts(request: web.Request) -> web.Response:
+    customer = _customer(request)
     try:
         salesforce = await sfrtr_aiohttp.client(request)
         page = await salesforce.query("SELECT Id, Name FROM Account ORDER BY Name")
     except sfrtr.NotConnected:
-        raise web.HTTPFound("/") from None
+        raise web.HTTPFound(f"/?customer={quote(customer)}") from None
     rows = "".join(f"<li>{html.escape(str(r['Name']))}</li>" for r in page.records)
-    return web.Response(content_type="text/html",
-                        text=f"<h1>{page.total_size} accounts</h1><ul>{rows}</ul>")
+    return web.Response(content_type="text/html", text=(
+        f"<h1>{page.total_size} accounts</h1><ul>{rows}</ul>"
+        f'<p><a href="/?customer={quote(customer)}">Back</a></p>'))
 
 
-def build_app(emulator_url: str) -> web.Application:
+def build_app(emulator_url: str, *, sqlite: str | None = None,
+              redirect_uri: str | None = None) -> web.Application:
     app = web.Application()
     sfrtr_aiohttp.setup(
         app,
         oauth_config=sfrtr.OAuthConfig(
             client_id=DEFAULT_CLIENT_ID, client_secret=sfrtr.Secret(DEFAULT_CLIENT_SECRET),
             login_url=emulator_url, instance_policy=sfrtr.InstanceUrlPolicy.for_emulator()),
-        customer_of=lambda request: request.query.get("customer", "acme"),
+        customer_of=_customer,
         state_key=sfrtr.Secret("example-only-state-key-change-me"),
-        success_url="/accounts?customer=acme")
+        store_factory=(lambda: sfrtr.SqliteStore(sqlite)) if sqlite else sfrtr.MemoryStore,
+        redirect_uri=redirect_uri,
+        success_url=lambda customer: f"/accounts?customer={quote(customer)}",
+        disconnected_url=lambda customer: f"/?customer={quote(customer)}")
     app.router.add_get("/", index)
     app.router.add_get("/accounts", accounts)
     return app
 
 
-async def main(port: int = 8080) -> None:
+@contextlib.asynccontextmanager
+async def _emulator(url: str | None) -> AsyncIterator[str]:
+    if url:
+        yield url
+        return
     emulator = Emulator()
     async with emulator.serve() as emulator_url:
         emulator.seed("acme", "Account", [{"Name": n} for n in ("Acme", "Globex", "Initech")])
-        runner = web.AppRunner(build_app(emulator_url))
+        yield str(emulator_url)
+
+
+async def main(port: int = 8080, *, emulator_url: str | None = None,
+               sqlite: str | None = None, redirect_uri: str | None = None) -> None:
+    async with _emulator(emulator_url) as url:
+        runner = web.AppRunner(build_app(url, sqlite=sqlite, redirect_uri=redirect_uri))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        print(f"example app on http://127.0.0.1:{port}/ (emulator {emulator_url})")
+        print(f"example app on http://127.0.0.1:{port}/ (emulator {url})", flush=True)
         try:
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
+    return port
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description="sfrtr's aiohttp example app")
+    parser.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
+    parser.add_argument("--emulator", help="URL of a running emulator (default: start one)")
+    parser.add_argument("--sqlite", help="SQLite file shared by several app processes")
+    parser.add_argument("--redirect-uri", help="the public callback URL (behind a proxy)")
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main(args.port, emulator_url=args.emulator, sqlite=args.sqlite,
+                         redirect_uri=args.redirect_uri))

@@ -40,6 +40,10 @@ def _unb64(text: str) -> bytes:
 
 
 class StateSigner:
+    """Makes and checks ``state`` values. :meth:`verify` also refuses a second use in
+    this process; :meth:`check` leaves replay protection to the caller (the aiohttp
+    integration claims the nonce in the shared store, so every worker refuses it)."""
+
     def __init__(self, key: Secret, ttl: float = 600.0) -> None:
         if len(key.reveal()) < 16:
             raise ValueError("the state key needs at least 16 characters")
@@ -60,8 +64,27 @@ class StateSigner:
         """An HMAC of arbitrary text (binds the PKCE cookie to the state's nonce)."""
         return _b64(self._mac(text.encode()))
 
+    def mac_matches(self, text: str, mac: str) -> bool:
+        """Whether ``mac`` is :meth:`mac` of ``text`` (compared in constant time)."""
+        return hmac.compare_digest(mac.encode(), self.mac(text).encode())
+
     def verify(self, token: str, redirect_uri: str) -> State:
         """The state, once: a second verification of the same state is refused."""
+        state = self.check(token, redirect_uri)
+        if not self.claim_locally(state.nonce, state.expires_at):
+            raise InvalidState("state already used")
+        return state
+
+    def claim_locally(self, nonce: str, expires_at: float) -> bool:
+        """Remember ``nonce`` until ``expires_at`` in this process; False if it was."""
+        self._forget_expired(time.time())
+        if nonce in self._used:
+            return False
+        self._used[nonce] = expires_at
+        return True
+
+    def check(self, token: str, redirect_uri: str) -> State:
+        """The state if its signature, expiry and redirect URI hold (replay not checked)."""
         try:
             payload_part, mac_part = token.split(".")
             payload = _unb64(payload_part)
@@ -79,11 +102,9 @@ class StateSigner:
             raise InvalidState("state expired")
         if bound_uri != redirect_uri:
             raise InvalidState("state was issued for another redirect URI")
-        self._forget_expired(now)
-        if nonce in self._used:
-            raise InvalidState("state already used")
-        self._used[nonce] = expires_at
-        return State(customer, bound_uri, nonce, expires_at)
+        if not isinstance(customer, str) or not isinstance(nonce, str):
+            raise InvalidState("malformed state")
+        return State(customer, bound_uri, nonce, float(expires_at))
 
     def _forget_expired(self, now: float) -> None:
         if len(self._used) > 1000:

@@ -1,9 +1,12 @@
-"""No access or refresh token value appears in any log record, repr or exception."""
+"""No access or refresh token value appears in any log record, repr or exception,
+nor, with encryption on, in the raw bytes of a store."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -11,8 +14,10 @@ from sfrtr import MemoryStore, RefreshPolicy, SfrtrError, Status, TokenManager
 from sfrtr.emulator import Emulator
 from sfrtr.protocol import dead_record
 from tests.conftest import emulator_grant, emulator_oauth
+from tests.raw_store import SEALED_KINDS, raw_bytes, ring, store_maker
 
 pytestmark = pytest.mark.anyio
+pytest_plugins = ["tests.postgres_server"]
 
 
 def issued_tokens(em: Emulator) -> set[str]:
@@ -82,4 +87,50 @@ async def test_no_token_in_logs_reprs_or_errors(emulator: Emulator, caplog):
     haystack = caplog.text + "\n".join(shown)
     assert caplog.records, "the flows above should have logged something"
     leaked = [s[:12] + "..." for s in secrets if s in haystack]
+    assert leaked == []
+
+
+@pytest.fixture(params=SEALED_KINDS)
+def sealed_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_sealed_stores_hold_no_token_in_their_raw_bytes(
+        emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path, sealed_kind: str,
+        caplog: pytest.LogCaptureFixture):
+    """With encryption on, the bytes a backup of the store would hold (the SQLite file
+    and its WAL, the Postgres tables' rows, every etcd value) contain no access or
+    refresh token: not the records, not the rescues of a fenced-out commit."""
+    store = store_maker(request, tmp_path, sealed_kind)(ring("k1", "k2"))
+    manager = TokenManager(emulator_oauth(emulator), store,
+                           RefreshPolicy(lease_margin=0.5, busy_backoff=0.01))
+    try:
+        for customer in ("a", "b", "c"):
+            record = await manager.connect(customer, emulator_grant(emulator, customer))
+            stale = record.access_token.reveal()
+            for _ in range(2):  # rotations: every generation is written sealed
+                stale = (await manager.refresh(customer, stale=stale)).access_token
+        # A commit fenced out by a re-authorization: its tokens go to a rescue entry.
+        rec = await manager.connect("fenced", emulator_grant(emulator, "fenced"))
+        emulator.faults.set("token", latency=0.2)
+        task = asyncio.create_task(manager.refresh("fenced", stale=rec.access_token.reveal()))
+        await asyncio.sleep(0.08)
+        await store.put("fenced", dead_record(rec, "taken over"))
+        with contextlib.suppress(SfrtrError):
+            await task
+        emulator.faults.clear()
+        assert "kept as rescue" in caplog.text
+        # And a rescue entry left in place (the one above was adopted), as a crash
+        # between the two would leave it.
+        current = await store.read("a")
+        assert current is not None
+        await store.save_rescue("a", 10**6, current.record)
+        assert len(await store.rescues("a")) == 1
+        raw = await raw_bytes(store)
+    finally:
+        await manager.aclose()
+    secrets = issued_tokens(emulator)
+    assert len(secrets) >= 16
+    assert raw.count(b"v1.k2.") >= 4
+    leaked = [s[:12] + "..." for s in secrets if s.encode() in raw]
     assert leaked == []

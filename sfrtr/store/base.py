@@ -98,3 +98,14 @@ class TokenStore(Protocol):
 
     async def aclose(self) -> None:
         """Release the store's resources (connections, lease, watch)."""
+
+
+@runtime_checkable
+class OnceStore(Protocol):
+    """A store that can remember a key for a while, for every process sharing it."""
+
+    async def claim_once(self, key: str, ttl: float) -> bool:
+        """``True`` for the first claim of ``key`` within ``ttl`` seconds, ``False`` for
+        any later claim while it lasts, whichever process makes it (used for OAuth
+        ``state`` nonces: a replayed callback fails on every worker). Atomic: of two
+        concurrent claims exactly one wins."""

@@ -34,13 +34,15 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote, unquote
 
 import orjson
 
 from sfrtr.errors import LeaseLost, StoreError
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
+from sfrtr.store import sealing
 from sfrtr.store.etcd_client import (
     KV,
     EtcdClient,
@@ -56,6 +58,9 @@ from sfrtr.store.etcd_client import (
     prefix_end,
     put,
 )
+
+if TYPE_CHECKING:
+    from sfrtr.store.sealing import Sealer
 
 log = logging.getLogger("sfrtr.etcd")
 
@@ -90,8 +95,9 @@ class _Mirror:
     customer's record is kept, its changes reach subscribers."""
 
 
-def _encode(record: TokenRecord) -> bytes:
-    return orjson.dumps(record.to_dict())
+def _encode(record: TokenRecord, sealer: Sealer | None = None, namespace: str = "",
+            customer: str = "") -> bytes:
+    return orjson.dumps(sealing.encode(sealer, namespace, customer, record))
 
 
 def _rescue_fence(key: bytes) -> int | None:
@@ -101,24 +107,27 @@ def _rescue_fence(key: bytes) -> int | None:
         return None
 
 
-def _decode(raw: bytes) -> TokenRecord:
+def _decode(raw: bytes, sealer: Sealer | None = None, namespace: str = "",
+            customer: str = "") -> TokenRecord:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise StoreError("malformed token record in etcd (not JSON)") from None
-    return TokenRecord.from_dict(data)
+    return sealing.decode(sealer, namespace, customer, data)
 
 
 class EtcdStore:
     """A :class:`~sfrtr.store.TokenStore` on etcd v3. One per process.
 
     Starts itself on first use (lease, keepalive, watch); call
-    :meth:`aclose` (or the manager's) to revoke the lease and stop.
+    :meth:`aclose` (or the manager's) to revoke the lease and stop, or use it as
+    ``async with EtcdStore(...) as store``. ``sealer``: seal records at rest
+    (:mod:`sfrtr.store.sealing`; the namespace is the associated data's).
     """
 
     def __init__(self, settings: EtcdSettings | None = None, *, namespace: str = "sfrtr",
                  lease_ttl: int = 30, page_size: int = 5000, mirror: Mirror = "namespace",
-                 idle_after: float = 600.0) -> None:
+                 idle_after: float = 600.0, sealer: Sealer | None = None) -> None:
         if not namespace or namespace.endswith("/"):
             raise ValueError("namespace must be non-empty and not end with '/'")
         if lease_ttl < 2:
@@ -138,6 +147,7 @@ class EtcdStore:
         (and, with ``mirror="served"``, its watchers)."""
         self.client = EtcdClient(settings or EtcdSettings())
         self.namespace = namespace
+        self.sealer = sealer
         self._prefix = f"{namespace}/".encode()
         self._requested_ttl = lease_ttl
         self._ttl = float(lease_ttl)
@@ -180,6 +190,12 @@ class EtcdStore:
     def _rescue_prefix(self, customer: str) -> bytes:
         return self._prefix + b"rescue/" + quote(customer, safe="").encode() + b"/"
 
+    def _encode(self, customer: str, record: TokenRecord) -> bytes:
+        return _encode(record, self.sealer, self.namespace, customer)
+
+    def _decode(self, customer: str, raw: bytes) -> TokenRecord:
+        return _decode(raw, self.sealer, self.namespace, customer)
+
     def _parse_key(self, key: bytes) -> tuple[str, str] | None:
         if not key.startswith(self._prefix):
             return None
@@ -199,6 +215,8 @@ class EtcdStore:
                 return
             if self._closed:
                 raise StoreError("the store is closed")
+            if self.sealer is not None:
+                await self.sealer.ready()
             await self.client.connect()
             await self._grant()
             if self.mirror == "namespace":
@@ -212,6 +230,14 @@ class EtcdStore:
     async def _ensure(self) -> None:
         if not self._started:
             await self.start()
+
+    async def __aenter__(self) -> EtcdStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -444,7 +470,7 @@ class EtcdStore:
                     m.record = None
                     if m.used:  # only a served customer's record is kept
                         try:
-                            m.record = _decode(event.kv.value)
+                            m.record = self._decode(customer, event.kv.value)
                         except StoreError as exc:
                             log.error("customer %s: %s", customer, exc)
                 else:
@@ -641,7 +667,7 @@ class EtcdStore:
         if revision >= m.observed:
             if tok:
                 if tok[0].mod_revision != m.version or m.record is None:
-                    m.record = _decode(tok[0].value)
+                    m.record = self._decode(customer, tok[0].value)
                 m.version = tok[0].mod_revision
             else:
                 m.record, m.version = None, 0
@@ -739,14 +765,16 @@ class EtcdStore:
             # does not have the newer record: answer with what etcd said at the read's
             # revision, stale at worst, stamped with that revision so a waiter on it
             # wakes for the newer state at once.
-            return Versioned(_decode(tok[0].value), tok[0].mod_revision, bool(lock),
+            return Versioned(self._decode(customer, tok[0].value), tok[0].mod_revision,
+                             bool(lock),
                              stamp=revision, rescued=m.rescues is not None)
         return self._view(m)
 
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
         await self._use(customer)
         result = await self.client.txn(
-            [], [put(self._tok(customer), _encode(record)), delete(self._lock(customer)),
+            [], [put(self._tok(customer), self._encode(customer, record)),
+                 delete(self._lock(customer)),
                  delete(self._rescue_prefix(customer), prefix=True)])
         self._mark_used(customer)
         self._wrote(customer, result.revision, record, False)
@@ -774,7 +802,8 @@ class EtcdStore:
         try:
             result = await self.client.txn(
                 [compare(tok, "mod", "==", expected_version), compare(lock, "create", "==", 0)],
-                [put(lock, intent.worker.encode(), lease), put(tok, _encode(record))],
+                [put(lock, intent.worker.encode(), lease),
+                 put(tok, self._encode(customer, record))],
                 [get(tok), get(lock)])
         except LeaseLost:
             self._lose_lease("etcd refused it for a write")
@@ -803,7 +832,7 @@ class EtcdStore:
         tok = self._tok(customer)
         result: TxnResult = await self.client.txn(
             [compare(tok, "mod", "==", fence)],
-            [put(tok, _encode(record)), delete(self._lock(customer))],
+            [put(tok, self._encode(customer, record)), delete(self._lock(customer))],
             [get(tok), get(self._lock(customer))])
         if not result.succeeded:
             self._observe(customer, result.revision, *result.ranges)
@@ -826,7 +855,8 @@ class EtcdStore:
     async def save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
         await self._use(customer)
         result = await self.client.txn(
-            [], [put(self._rescue_prefix(customer) + b"%020d" % fence, _encode(record))])
+            [], [put(self._rescue_prefix(customer) + b"%020d" % fence,
+                     self._encode(customer, record))])
         self._wrote_rescue(customer, fence, result.revision, True)
 
     async def rescues(self, customer: str) -> list[tuple[int, TokenRecord]]:
@@ -835,7 +865,10 @@ class EtcdStore:
         found: list[tuple[int, TokenRecord]] = []
         for kv in kvs:
             try:
-                found.append((int(kv.key.rpartition(b"/")[2]), _decode(kv.value)))
+                found.append((int(kv.key.rpartition(b"/")[2]),
+                              self._decode(customer, kv.value)))
+            except sealing.SealingError:
+                raise  # a key problem, not damage: skipping would lose a rotated token
             except (ValueError, StoreError):
                 log.error("customer %s: unreadable rescue entry skipped", customer)
         return sorted(found, key=lambda item: item[0])
@@ -894,3 +927,18 @@ class EtcdStore:
         await self._ensure()
         _, kvs = await self.client.range(self._prefix + b"tok/", prefix=True, keys_only=True)
         return [unquote(kv.key[len(self._prefix) + 4:].decode()) for kv in kvs]
+
+    async def claim_once(self, key: str, ttl: float) -> bool:
+        """True for the first claim of ``key`` within ``ttl`` seconds, in every process
+        sharing the namespace: a Txn that creates ``NS/once/<key>`` only if absent,
+        bound to a lease of its own (not the session's: the claim must outlive this
+        process, or a replay would pass once it stops)."""
+        await self._ensure()
+        name = self._prefix + b"once/" + quote(key, safe="").encode()
+        lease, _ = await self.client.grant(max(2, int(ttl + 0.999)))
+        result = await self.client.txn([compare(name, "create", "==", 0)],
+                                       [put(name, b"1", lease)])
+        if not result.succeeded:
+            with contextlib.suppress(StoreError, LeaseLost):
+                await self.client.revoke(lease)
+        return result.succeeded

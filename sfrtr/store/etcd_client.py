@@ -155,6 +155,16 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
+def _tls_hint(details: str) -> str:
+    """What to check when gRPC's details tell of a failed TLS handshake."""
+    lowered = details.lower()
+    if not any(word in lowered for word in ("ssl", "tls", "handshake", "certificate")):
+        return ""
+    return ("; TLS handshake failed: check the CA file (ca_file), that the certificates "
+            "have not expired, that the server certificate names this host, and that the "
+            "client certificate is one the server trusts")
+
+
 def _call_cancelled() -> bool:
     """Whether a CancelledError just caught came from the gRPC call (its channel was
     closed under it: grpc.aio raises CancelledError then) rather than from a
@@ -373,7 +383,8 @@ class EtcdClient:
                                         password=self.settings.password),
                 timeout=self.settings.timeout)
         except grpc.aio.AioRpcError as exc:
-            raise StoreError(f"etcd authentication failed: {exc.code().name}") from None
+            raise StoreError(f"etcd authentication failed at {self.endpoint}: "
+                             f"{exc.code().name}{_tls_hint(exc.details() or '')}") from None
         self._metadata = (("token", reply.token),)
 
     async def close(self) -> None:
@@ -395,6 +406,7 @@ class EtcdClient:
         await self.connect()
         for attempt in (1, 2):
             channel = self._channel
+            target = self.endpoint  # named in errors (a failover moves self.endpoint on)
             call = getattr(getattr(self, stub), method)
             self.round_trips += 1
             try:
@@ -426,6 +438,7 @@ class EtcdClient:
                         await self.connect()
                         continue
                 raise StoreError(f"etcd {method} failed: {code.name} {details}".rstrip()
+                                 + f" (endpoint {target}){_tls_hint(details)}"
                                  ) from None
         raise AssertionError("unreachable")
 

@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -107,17 +108,29 @@ def _healthy(url: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS for a :class:`LocalEtcd`'s client port: its certificate and key and, for
+    mutual TLS, the CA whose client certificates it accepts."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    """With it, clients must present a certificate signed by this CA."""
+
+
 class LocalEtcd:
     """One etcd member on loopback ports, with its data in a temporary directory.
 
     ``stop()`` and ``start()`` again keep the data (a restart); ``close()``
     removes it. ``kill()`` is a SIGKILL, ``pause()``/``resume()`` a SIGSTOP and
     SIGCONT. Alone by default; :class:`LocalEtcdCluster` makes members of a cluster.
+    ``tls``: serve clients over TLS (health is then read from a plain metrics port).
     """
 
     def __init__(self, binary: str | None = None, *, data_dir: str | None = None,
                  name: str = "sfrtr-test", heartbeat_ms: int = 50,
-                 election_ms: int = 500) -> None:
+                 election_ms: int = 500, tls: ServerTls | None = None) -> None:
         self.binary = binary or find_etcd()
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="sfrtr-etcd-")
         self.data_dir = data_dir or (self._tmp.name if self._tmp else "")
@@ -127,6 +140,8 @@ class LocalEtcd:
         self.election_ms = election_ms
         self.client_port = free_port()
         self.peer_port = free_port()
+        self.tls = tls
+        self.metrics_port = free_port() if tls else 0
         self.initial_cluster = f"{name}=http://127.0.0.1:{self.peer_port}"
         """``name=peer-url,...`` of every member (set by :class:`LocalEtcdCluster`)."""
         self.process: subprocess.Popen[bytes] | None = None
@@ -139,7 +154,8 @@ class LocalEtcd:
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -165,13 +181,23 @@ class LocalEtcd:
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", self.initial_cluster,
              "--heartbeat-interval", str(self.heartbeat_ms),
-             "--election-timeout", str(self.election_ms)],
+             "--election-timeout", str(self.election_ms), *self._tls_args()],
             stdout=log, stderr=subprocess.STDOUT)
         self.paused = False
         log.close()
 
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        args = ["--cert-file", self.tls.cert_file, "--key-file", self.tls.key_file,
+                "--listen-metrics-urls", f"http://127.0.0.1:{self.metrics_port}"]
+        if self.tls.client_ca_file:
+            args += ["--client-cert-auth", "--trusted-ca-file", self.tls.client_ca_file]
+        return args
+
     def healthy(self) -> bool:
-        return self.running and not self.paused and _healthy(f"{self.client_url}/health")
+        url = f"http://127.0.0.1:{self.metrics_port}" if self.tls else self.client_url
+        return self.running and not self.paused and _healthy(f"{url}/health")
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import weakref
 from collections.abc import Callable
+from types import TracebackType
 
 from sfrtr.errors import ConfigurationError
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
@@ -33,6 +35,9 @@ if hasattr(os, "register_at_fork"):
 
 
 class MemoryStore:
+    """The in-process :class:`~sfrtr.store.TokenStore` (one process's alone).
+    Nothing to start; ``async with MemoryStore() as store`` works as for the others."""
+
     def __init__(self) -> None:
         self._pid = os.getpid()
         self._forked = False
@@ -44,6 +49,7 @@ class MemoryStore:
         self._changed: dict[str, asyncio.Event] = {}
         self._revision = 0
         self._subscribers: list[Callable[[str, Versioned | None], None]] = []
+        self._claims: dict[str, float] = {}
 
     def _refuse_if_forked(self) -> None:
         if self._forked:
@@ -169,3 +175,21 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         return None
+
+    async def __aenter__(self) -> MemoryStore:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def claim_once(self, key: str, ttl: float) -> bool:
+        """True for the first claim of ``key`` within ``ttl`` seconds (this process's)."""
+        self._refuse_if_forked()
+        now = time.monotonic()
+        if len(self._claims) > 1000:
+            self._claims = {k: t for k, t in self._claims.items() if t > now}
+        if self._claims.get(key, 0.0) > now:
+            return False
+        self._claims[key] = now + ttl
+        return True

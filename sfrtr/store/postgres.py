@@ -72,16 +72,22 @@ import dataclasses
 import logging
 import os
 import re
+import secrets
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from sfrtr.errors import ConfigurationError, LeaseLost, StoreError
 from sfrtr.records import Intent, TokenRecord, Versioned
+from sfrtr.store import sealing
 from sfrtr.store.postgres_schema import SCHEMA_VERSION, Names, schema_sql
+
+if TYPE_CHECKING:
+    from sfrtr.store.sealing import Sealer
 
 try:
     import asyncpg
@@ -114,16 +120,18 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", dsn, flags=re.IGNORECASE)
 
 
-def _encode(record: TokenRecord) -> str:
-    return orjson.dumps(record.to_dict()).decode()
+def _encode(record: TokenRecord, sealer: Sealer | None = None, namespace: str = "",
+            customer: str = "") -> str:
+    return orjson.dumps(sealing.encode(sealer, namespace, customer, record)).decode()
 
 
-def _decode(raw: str | bytes) -> TokenRecord:
+def _decode(raw: str | bytes, sealer: Sealer | None = None, namespace: str = "",
+            customer: str = "") -> TokenRecord:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise StoreError("malformed token record in the Postgres store (not JSON)") from None
-    return TokenRecord.from_dict(data)
+    return sealing.decode(sealer, namespace, customer, data)
 
 
 def _sock_fd(conn: Connection) -> int | None:
@@ -143,13 +151,16 @@ class PostgresStore:
     module doc). ``pool_size``: pooled connections for store calls (presence and
     listening take two more). ``statement_timeout``, ``acquire_timeout``: seconds.
     ``holder_poll``: how often a holder that waiters here wait on is checked.
+    ``sealer``: seal records at rest (:mod:`sfrtr.store.sealing`; the associated
+    data's namespace is ``prefix``). ``async with PostgresStore(...) as store``
+    starts and closes it.
     """
 
     def __init__(self, dsn: str, *, schema: str = "public", prefix: str = "sfrtr",
                  create_schema: bool = True, lease_ttl: float = 30.0, pool_size: int = 10,
                  pool_min_size: int = 1, statement_timeout: float = 5.0,
                  acquire_timeout: float = 10.0, connect_timeout: float = 5.0,
-                 holder_poll: float = 0.5) -> None:
+                 holder_poll: float = 0.5, sealer: Sealer | None = None) -> None:
         if lease_ttl < 1.5:
             raise ValueError("lease_ttl must be at least 1.5 seconds")
         if pool_size < 1 or not 0 <= pool_min_size <= pool_size:
@@ -159,6 +170,7 @@ class PostgresStore:
         self.dsn = dsn
         self.names = Names(schema, prefix)
         self.create_schema = create_schema
+        self.sealer = sealer
         self._ttl = float(lease_ttl)
         self.pool_size = pool_size
         self.pool_min_size = pool_min_size
@@ -214,6 +226,8 @@ class PostgresStore:
             if self._started:
                 return
             self._check_usable()
+            if self.sealer is not None:
+                await self.sealer.ready()
             try:
                 self._pool = await asyncpg.create_pool(
                     self.dsn, min_size=self.pool_min_size, max_size=self.pool_size,
@@ -260,6 +274,20 @@ class PostgresStore:
                 f"{'missing' if version is None else f'at version {version}'}, this sfrtr "
                 f"needs version {SCHEMA_VERSION}: run `sfrtr migrate --postgres DSN` or "
                 "let the store create it (create_schema=True)")
+
+    async def __aenter__(self) -> PostgresStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def _encode(self, customer: str, record: TokenRecord) -> str:
+        return _encode(record, self.sealer, self.names.prefix, customer)
+
+    def _decode(self, customer: str, raw: str | bytes) -> TokenRecord:
+        return _decode(raw, self.sealer, self.names.prefix, customer)
 
     async def aclose(self) -> None:
         """Release the holder's lock (telling other processes at once), close everything.
@@ -630,9 +658,9 @@ class PostgresStore:
     def _view(self, row: Any) -> Versioned | None:
         if row is None or row[1] is None:
             return None
-        _, raw, version, holder, stamp, alive, rescued = row
+        customer, raw, version, holder, stamp, alive, rescued = row
         dead = holder is not None and not alive
-        return Versioned(_decode(raw), version, bool(alive), stamp=2 * stamp + dead,
+        return Versioned(self._decode(customer, raw), version, bool(alive), stamp=2 * stamp + dead,
                          rescued=bool(rescued))
 
     def _used(self, customer: str) -> None:
@@ -660,7 +688,7 @@ class PostgresStore:
             "  version = excluded.version, holder = NULL, stamp = excluded.stamp"
             "  RETURNING version)"
             " SELECT up.version, pg_notify($3, up.version::text || ' ' || $1) FROM up",
-            customer, _encode(record), n.channel))
+            customer, self._encode(customer, record), n.channel))
         state = Versioned(record, row[0], False, stamp=2 * row[0])
         self._deliver(customer, row[0], state)
         return state
@@ -686,7 +714,7 @@ class PostgresStore:
             customer, expected_version, orjson.dumps(dataclasses.asdict(mine)).decode(),
             holder, n.channel))
         if row is not None:
-            state = Versioned(_decode(row[0]), row[1], True, stamp=2 * row[1],
+            state = Versioned(self._decode(customer, row[0]), row[1], True, stamp=2 * row[1],
                               rescued=bool(row[2]))
             self._deliver(customer, row[1], state)
             return state
@@ -720,7 +748,7 @@ class PostgresStore:
             "  RETURNING t.version)"
             f" SELECT up.version, EXISTS (SELECT 1 FROM {n.rescues} r WHERE r.customer = $1),"
             "  pg_notify($4, up.version::text || ' ' || $1) FROM up",
-            customer, fence, _encode(record), n.channel))
+            customer, fence, self._encode(customer, record), n.channel))
         if row is None:
             return None
         state = Versioned(record, row[0], False, stamp=2 * row[0], rescued=bool(row[1]))
@@ -738,7 +766,7 @@ class PostgresStore:
             "  SELECT $1, NULL, 0, NULL, s.v FROM s"
             "  ON CONFLICT (customer) DO UPDATE SET stamp = excluded.stamp RETURNING stamp)"
             " SELECT up.stamp FROM up, pg_notify($4, up.stamp::text || ' ' || $1) x",
-            customer, fence, _encode(record), n.channel))
+            customer, fence, self._encode(customer, record), n.channel))
         await self._touched(customer, stamp)
 
     async def _touched(self, customer: str, stamp: int) -> None:
@@ -760,7 +788,9 @@ class PostgresStore:
         found: list[tuple[int, TokenRecord]] = []
         for fence, raw in rows:
             try:
-                found.append((fence, _decode(raw)))
+                found.append((fence, self._decode(customer, raw)))
+            except sealing.SealingError:
+                raise  # a key problem, not damage: skipping would lose a rotated token
             except StoreError:
                 log.error("customer %s: unreadable rescue entry skipped", customer)
         return found
@@ -845,6 +875,28 @@ class PostgresStore:
         rows = await self._run(lambda c: c.fetch(
             f"SELECT customer FROM {n.tokens} WHERE record IS NOT NULL ORDER BY customer"))
         return [row[0] for row in rows]
+
+    async def scrub(self) -> None:
+        """VACUUM the record tables, so replaced record versions (dead tuples) leave
+        the table files (after a rekey, or turning sealing on). Postgres's WAL and
+        its archives keep them until they are recycled (``docs/security.md``)."""
+        n = self.names
+        await self._run(lambda c: c.execute(f"VACUUM {n.tokens}, {n.rescues}"))
+
+    async def claim_once(self, key: str, ttl: float) -> bool:
+        """True for the first claim of ``key`` within ``ttl`` seconds, in every process
+        using this schema (expiry by the database's clock; an expired claim can be made
+        again)."""
+        n = self.names
+        now = "extract(epoch from clock_timestamp())"
+        made = await self._run(lambda c: c.fetchval(
+            f"INSERT INTO {n.claims} AS k VALUES ($1, {now} + $2::float8)"
+            f" ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at"
+            f" WHERE k.expires_at <= {now} RETURNING true", key, float(ttl)))
+        if made and secrets.randbelow(64) == 0:  # now and then, drop the expired
+            await self._run(lambda c: c.execute(
+                f"DELETE FROM {n.claims} WHERE expires_at <= {now}"))
+        return bool(made)
 
 
 async def migrate(dsn: str, *, schema: str = "public", prefix: str = "sfrtr") -> int:

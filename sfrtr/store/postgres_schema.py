@@ -54,6 +54,11 @@ class Names:
         return self._q("holders")
 
     @property
+    def claims(self) -> str:
+        """Keys claimed once until they expire (``claim_once``: OAuth state nonces)."""
+        return self._q("claims")
+
+    @property
     def key(self) -> int:
         """The first key of this store's advisory locks (the second is a holder number),
         so two stores in one database (two schemas or prefixes) never collide."""
@@ -87,6 +92,10 @@ def schema_sql(names: Names) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {n.rescues} ("
         "customer text NOT NULL, fence bigint NOT NULL, record jsonb NOT NULL, "
         "PRIMARY KEY (customer, fence))",
+        # Added within schema version 1 (IF NOT EXISTS: a store that creates its
+        # schema adds it; one migrated by hand needs `sfrtr migrate` again).
+        f"CREATE TABLE IF NOT EXISTS {n.claims} ("
+        "key text PRIMARY KEY, expires_at double precision NOT NULL)",
         f"INSERT INTO {n.meta} VALUES ('schema', {SCHEMA_VERSION}) ON CONFLICT (key) DO NOTHING",
     ]
 

@@ -59,18 +59,24 @@ import logging
 import os
 import queue
 import re
+import secrets
 import sqlite3
 import struct
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from sfrtr.errors import ConfigurationError, StoreError
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
+from sfrtr.store import sealing
+
+if TYPE_CHECKING:
+    from sfrtr.store.sealing import Sealer
 
 log = logging.getLogger("sfrtr.sqlite")
 
@@ -96,7 +102,11 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS sfrtr_tokens_stamp ON sfrtr_tokens (stamp)",
     "CREATE TABLE IF NOT EXISTS sfrtr_rescues (customer TEXT NOT NULL, fence INTEGER NOT NULL,"
     " record BLOB NOT NULL, PRIMARY KEY (customer, fence))",
+    # claim_once: keys claimed until expires_at (wall-clock seconds; one host's clock)
+    "CREATE TABLE IF NOT EXISTS sfrtr_claims (key TEXT PRIMARY KEY, expires_at REAL NOT NULL)",
 )
+_SEAL_NAMESPACE = "sqlite"
+"""The associated data's namespace: a copied database file (a backup) still opens."""
 _ROW = ("SELECT customer, record, version, holder, stamp, EXISTS (SELECT 1 FROM sfrtr_rescues r"
         " WHERE r.customer = t.customer) FROM sfrtr_tokens t")
 _STOP = object()
@@ -140,16 +150,16 @@ def network_filesystem(path: str, mounts: str | None = None) -> str | None:
     return fstype if fstype in NETWORK_FILESYSTEMS else None
 
 
-def _encode(record: TokenRecord) -> bytes:
-    return orjson.dumps(record.to_dict())
+def _encode(record: TokenRecord, sealer: Sealer | None = None, customer: str = "") -> bytes:
+    return orjson.dumps(sealing.encode(sealer, _SEAL_NAMESPACE, customer, record))
 
 
-def _decode(raw: bytes) -> TokenRecord:
+def _decode(raw: bytes, sealer: Sealer | None = None, customer: str = "") -> TokenRecord:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise StoreError("malformed token record in the SQLite store (not JSON)") from None
-    return TokenRecord.from_dict(data)
+    return sealing.decode(sealer, _SEAL_NAMESPACE, customer, data)
 
 
 class SqliteStore:
@@ -160,17 +170,20 @@ class SqliteStore:
     ``busy_timeout``: seconds a write waits for another process's write before
     failing with :class:`~sfrtr.StoreError`. ``poll_interval``: how often the
     store's thread looks for other processes' changes while anyone waits or
-    subscribes.
+    subscribes. ``sealer``: seal records at rest (:mod:`sfrtr.store.sealing`).
+    ``async with SqliteStore(path) as store`` starts and closes it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0,
-                 poll_interval: float = 0.01, allow_network_filesystem: bool = False) -> None:
+                 poll_interval: float = 0.01, allow_network_filesystem: bool = False,
+                 sealer: Sealer | None = None) -> None:
         if busy_timeout <= 0 or poll_interval <= 0:
             raise ValueError("busy_timeout and poll_interval must be positive")
         self.path = os.fspath(path)
         self.busy_timeout = busy_timeout
         self.poll_interval = poll_interval
         self.allow_network_filesystem = allow_network_filesystem
+        self.sealer = sealer
         self._holder: int | None = None
         self._lock_fd: int | None = None
         self._conn: sqlite3.Connection | None = None  # the thread's alone
@@ -205,6 +218,8 @@ class SqliteStore:
             if self._started:
                 return
             self._check_usable()
+            if self.sealer is not None:
+                await self.sealer.ready()
             if not self.allow_network_filesystem:
                 fstype = network_filesystem(self.path)
                 if fstype is not None:
@@ -225,6 +240,14 @@ class SqliteStore:
                 raise
             self._started = True
             _OPEN.add(self)
+
+    async def __aenter__(self) -> SqliteStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the database; the holder's lock goes with it (a lock on a customer
@@ -390,6 +413,8 @@ class SqliteStore:
                 raise StoreError(f"SQLite store {self.path}: cannot switch to WAL mode "
                                  f"(journal_mode is {mode}); is the file read-only?")
             conn.execute("PRAGMA synchronous = FULL")
+            # Replaced records (tokens) are zeroed in the file, not left in free space.
+            conn.execute("PRAGMA secure_delete = ON")
             with _transaction(conn):
                 for statement in _SCHEMA:
                     conn.execute(statement)
@@ -446,11 +471,11 @@ class SqliteStore:
     def _view(self, row: tuple[Any, ...] | None) -> Versioned | None:
         if row is None or row[1] is None:
             return None
-        _, raw, version, holder, stamp, rescued = row
+        customer, raw, version, holder, stamp, rescued = row
         alive = holder is not None and self._alive(holder)
         dead = holder is not None and not alive
-        return Versioned(_decode(raw), version, alive, stamp=2 * stamp + dead,
-                         rescued=bool(rescued))
+        return Versioned(_decode(raw, self.sealer, customer), version, alive,
+                         stamp=2 * stamp + dead, rescued=bool(rescued))
 
     def _bump(self) -> int:
         db = self._db()
@@ -513,7 +538,7 @@ class SqliteStore:
         return await self._call(lambda notes: self._view(self._fetch(customer)))
 
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
-        raw = _encode(record)
+        raw = _encode(record, self.sealer, customer)
 
         def job(notes: list[_Note]) -> Versioned:
             db = self._db()
@@ -539,7 +564,7 @@ class SqliteStore:
                 if row is None or row[1] is None:
                     return None
                 _, raw, version, holder, _, rescued = row
-                stored = _decode(raw)
+                stored = _decode(raw, self.sealer, customer)
                 if holder is not None and holder == self._holder and intent.id and \
                         stored.intent is not None and stored.intent.id == intent.id:
                     # A retried acquire whose first attempt landed: the lock is ours.
@@ -554,7 +579,8 @@ class SqliteStore:
                 seq = self._bump()
                 db.execute("UPDATE sfrtr_tokens SET record = ?, version = ?, holder = ?,"
                            " stamp = ? WHERE customer = ?",
-                           (_encode(record), seq, self._holder, seq, customer))
+                           (_encode(record, self.sealer, customer), seq, self._holder, seq,
+                            customer))
             state = Versioned(record, seq, True, stamp=2 * seq, rescued=bool(rescued))
             notes.append((customer, seq, state))
             return state
@@ -562,7 +588,7 @@ class SqliteStore:
         return await self._call(job)
 
     async def commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
-        raw = _encode(record)
+        raw = _encode(record, self.sealer, customer)
 
         def job(notes: list[_Note]) -> Versioned | None:
             db = self._db()
@@ -589,7 +615,7 @@ class SqliteStore:
         notes.append((customer, seq, self._view(self._fetch(customer))))
 
     async def save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
-        raw = _encode(record)
+        raw = _encode(record, self.sealer, customer)
 
         def job(notes: list[_Note]) -> None:
             db = self._db()
@@ -607,7 +633,9 @@ class SqliteStore:
                     "SELECT fence, record FROM sfrtr_rescues WHERE customer = ? ORDER BY fence",
                     (customer,)):
                 try:
-                    found.append((fence, _decode(raw)))
+                    found.append((fence, _decode(raw, self.sealer, customer)))
+                except sealing.SealingError:
+                    raise  # a key problem, not damage: skipping would lose a rotated token
                 except StoreError:
                     log.error("customer %s: unreadable rescue entry skipped", customer)
             return found
@@ -679,6 +707,34 @@ class SqliteStore:
         def job(notes: list[_Note]) -> list[str]:
             return [c for (c,) in self._db().execute(
                 "SELECT customer FROM sfrtr_tokens WHERE record IS NOT NULL ORDER BY customer")]
+
+        return await self._call(job)
+
+    async def scrub(self) -> None:
+        """Make the file forget replaced record versions (after a rekey, or turning
+        sealing on): rebuild it and empty the WAL, which still holds old pages."""
+        def job(notes: list[_Note]) -> None:
+            db = self._db()
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        await self._call(job)
+
+    async def claim_once(self, key: str, ttl: float) -> bool:
+        """True for the first claim of ``key`` within ``ttl`` seconds, in every process
+        using this file (an expired claim can be made again)."""
+        def job(notes: list[_Note]) -> bool:
+            db = self._db()
+            now = time.time()
+            with _transaction(db):
+                db.execute("DELETE FROM sfrtr_claims WHERE key = ? AND expires_at <= ?",
+                           (key, now))
+                made: bool = db.execute("INSERT OR IGNORE INTO sfrtr_claims VALUES (?, ?)",
+                                        (key, now + ttl)).rowcount == 1
+                if made and secrets.randbelow(64) == 0:  # now and then, drop the expired
+                    db.execute("DELETE FROM sfrtr_claims WHERE expires_at <= ?", (now,))
+            return made
 
         return await self._call(job)
 
