@@ -71,7 +71,8 @@ from sfrtr.salesforce import (
 )
 from sfrtr.secret import Secret, fingerprint
 from sfrtr.singleflight import Singleflight
-from sfrtr.store import MemoryStore, SqliteStore, TokenStore
+from sfrtr.store import MemoryStore, OnceStore, SqliteStore, TokenStore
+from sfrtr.store.sealing import KeyRing, RekeyReport, Sealer, SealingError, rekey
 
 if TYPE_CHECKING:
     from sfrtr.store.etcd import EtcdStore
@@ -122,6 +123,7 @@ __all__ = [
     "InvalidState",
     "InvalidTokenResponse",
     "JwtBearer",
+    "KeyRing",
     "LeaseLost",
     "LimitInfo",
     "LoopStallMonitor",
@@ -134,6 +136,7 @@ __all__ = [
     "OAuthClient",
     "OAuthConfig",
     "OAuthError",
+    "OnceStore",
     "OutcomeKind",
     "PostgresStore",
     "QueryResult",
@@ -145,10 +148,13 @@ __all__ = [
     "RefreshOutcome",
     "RefreshPolicy",
     "RefusedToClear",
+    "RekeyReport",
     "RequestLimitExceeded",
     "Response",
     "RetryPolicy",
     "SalesforceError",
+    "Sealer",
+    "SealingError",
     "Secret",
     "ServerTokenSource",
     "ServerUnavailable",
@@ -172,5 +178,6 @@ __all__ = [
     "fingerprint",
     "format_soql",
     "like_contains",
+    "rekey",
     "soql_literal",
 ]

@@ -271,3 +271,15 @@ async def test_a_manager_refreshes_through_a_sealed_store(make: MakeStore, emula
         assert not [t for t in issued if t.encode() in raw]
     finally:
         await manager.aclose()
+
+
+async def test_the_hot_path_never_seals_or_opens_and_a_refresh_seals_twice():
+    """What benchmarks/sealing.py measures, counted: a cached token costs no crypto;
+    a refresh seals its two writes (acquire, commit) and opens what it reads."""
+    from benchmarks.sealing import hot_path, per_refresh
+
+    hot = await hot_path(500, rounds=1)
+    assert hot["seals_and_opens_during_calls"] == 0
+    refresh = await per_refresh(4, rounds=2)
+    assert refresh["seals_per_refresh"] == 2
+    assert refresh["opens_per_refresh"] <= 2
