@@ -81,9 +81,12 @@ class SessionRefused(SfrtrError):
 
 
 class TokenEndpointUnavailable(SfrtrError):
-    """The token endpoint could not be asked; the refresh token is untouched.
+    """The token endpoint could not be asked, or its answer was lost.
 
-    Safe to retry later: nothing was redeemed.
+    From a refresh (the token manager): the refresh token is untouched and a
+    later retry is safe, nothing was redeemed. From :class:`~sfrtr.OAuthClient`'s
+    code exchange, revocation or introspection, the message says whether the
+    request was sent: one sent may have been processed (a code used up).
     """
 
 

@@ -151,7 +151,9 @@ async def test_a_truncated_answer_is_sfrtrs_error_not_aiohttps():
                                            login_url=f"http://127.0.0.1:{port}")) as oauth:
             for call in (oauth.exchange_code("c", redirect_uri=CALLBACK, code_verifier="v"),
                          oauth.revoke(Secret("t")), oauth.introspect(Secret("t"))):
-                with pytest.raises(TokenEndpointUnavailable, match="ClientPayloadError"):
+                with pytest.raises(TokenEndpointUnavailable,
+                                   match=r"\(ClientPayloadError\): sent, no answer; it may "
+                                         "have been processed"):
                     await call
             outcome = await oauth.refresh(Secret("r"))
             assert outcome.kind is OutcomeKind.INDETERMINATE
@@ -159,3 +161,8 @@ async def test_a_truncated_answer_is_sfrtrs_error_not_aiohttps():
     finally:
         server.close()
         await server.wait_closed()
+    # Nobody listens there now: nothing can have been sent.
+    async with OAuthClient(OAuthConfig(client_id="app", client_secret=Secret("s"),
+                                       login_url=f"http://127.0.0.1:{port}")) as oauth:
+        with pytest.raises(TokenEndpointUnavailable, match="nothing was sent"):
+            await oauth.revoke(Secret("t"))

@@ -368,9 +368,14 @@ class OAuthClient:
     async def _call(self, url: str, form: dict[str, str]) -> tuple[int, Any]:
         try:
             status, raw = await self._post(url, form)
+        except _BEFORE_SEND as exc:
+            raise TokenEndpointUnavailable(f"token endpoint request failed ({type(exc).__name__}):"
+                                           " nothing was sent") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TokenEndpointUnavailable(f"token endpoint request failed ({type(exc).__name__})"
-                                     ) from None
+            # After sending: a code exchange may have used the code, a revocation landed.
+            raise TokenEndpointUnavailable(f"token endpoint request failed ({type(exc).__name__}):"
+                                           " sent, no answer; it may have been processed"
+                                           ) from None
         if not raw:
             return status, None
         try:
