@@ -262,3 +262,30 @@ async def test_the_loop_keeps_running_while_a_long_input_is_encoded(client: Clie
     await task
     assert result.records_processed == 20_000
     assert ticks > 10
+
+
+async def test_the_emulators_result_pages_on_the_wire(emulator: Emulator, client: Client,
+                                                      http):
+    from tests.emulator_calls import api_get
+
+    emulator.seed("acme", "Account", [{"Name": f"n{i}"} for i in range(5)])
+    job = await client.bulk.query("SELECT Name FROM Account", poll=FAST)
+    token = (await client.manager.credentials("acme")).access_token
+    path = f"/services/data/v67.0/jobs/query/{job.job.id}/results"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with http.get(f"{emulator.base_url}{path}", params={"maxRecords": "3"},
+                        headers=headers) as resp:
+        first = await resp.read()
+        locator = resp.headers["Sforce-Locator"]
+        assert resp.headers["Sforce-NumberOfRecords"] == "3"
+        assert resp.content_type == "text/csv"
+    assert first == b'"Name"\n"n0"\n"n1"\n"n2"\n'
+    async with http.get(f"{emulator.base_url}{path}",
+                        params={"maxRecords": "3", "locator": locator}, headers=headers) as resp:
+        assert await resp.read() == b'"Name"\n"n3"\n"n4"\n'
+        assert resp.headers["Sforce-Locator"] == "null"
+        assert resp.headers["Sforce-NumberOfRecords"] == "2"
+    status, body, _ = await api_get(http, emulator, token,
+                                    path.replace("v67.0", "v60.0"))
+    assert status == 409  # results only with the API version that made the job
+    assert body[0]["errorCode"] == "INVALIDJOB"

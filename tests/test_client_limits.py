@@ -158,3 +158,39 @@ async def test_composite_tree_and_graph(emulator: Emulator, manager):
     assert [(g["graphId"], g["isSuccessful"]) for g in graphs] == [("ok", True), ("bad", False)]
     names = [r["Name"] for r in (await client.query("SELECT Name FROM Account")).records]
     assert sorted(names) == ["G", "Tree Co"]
+
+
+async def test_one_version_lookup_per_instance_and_apex_rest(emulator: Emulator, manager):
+    lookups: list[str] = []
+    seen: list[tuple[str, str, object]] = []
+
+    async def versions(request: web.Request) -> web.Response:
+        lookups.append(request.headers.get("Authorization", ""))
+        await asyncio.sleep(0.05)  # concurrent clients overlap the lookup
+        return web.json_response([{"version": v, "url": f"/services/data/v{v}"}
+                                  for v in ("58.0", "59.0", "60.0")])
+
+    async def limits(request: web.Request) -> web.Response:
+        seen.append(("limits", request.path, None))
+        return web.json_response({})
+
+    async def apex(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path, await request.json()))
+        return web.json_response({"echo": request.match_info["tail"]})
+
+    _, runner = await _stub(emulator, manager, [
+        web.get("/services/data/", versions), web.get("/services/data/v59.0/limits", limits),
+        web.post("/services/apexrest/{tail:.*}", apex)])
+    try:
+        clients = [Client("stub", manager, api_version="auto", max_api_version="59.0")
+                   for _ in range(20)]
+        await asyncio.gather(*(c.limits() for c in clients))
+        assert len(lookups) == 1  # twenty clients, one lookup
+        assert lookups == [""]  # the version list is asked for without a token
+        assert {c.api_version for c in clients} == {"59.0"}
+        assert await clients[0].apex("POST", "Orders/v1", json={"n": 1}) == {
+            "echo": "Orders/v1"}
+        assert seen[-1] == ("POST", "/services/apexrest/Orders/v1", {"n": 1})
+        assert len(lookups) == 1
+    finally:
+        await runner.cleanup()
