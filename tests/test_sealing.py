@@ -46,6 +46,10 @@ def test_key_ring_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     path.write_text("# rotated 2026-11\n" + text.replace(",", "\n") + "\n")
     assert KeyRing.from_file(path).current == "k2"
     assert len(base64.b64decode(new_key())) == 32
+    staged = KeyRing.parse(f"{text},current=k1")  # k2 known everywhere, not used yet
+    assert (staged.ids, staged.current) == (["k1", "k2"], "k1")
+    with pytest.raises(SealingError, match="current key 'k9' is not in the key ring"):
+        KeyRing.parse(f"{text},current=k9")
     assert "k1" in repr(from_text)
     assert text.split(":")[1][:20] not in repr(from_text)  # never the key itself
 

@@ -115,11 +115,17 @@ class KeyRing:
     @classmethod
     def parse(cls, text: str, *, source: str = "key text") -> KeyRing:
         """Keys as ``id:base64`` entries separated by commas or new lines (``#``
-        starts a comment), oldest first: the last entry seals new writes."""
+        starts a comment), oldest first: the last entry seals new writes, unless an
+        entry ``current=<id>`` names another (a rotation's first phase: every worker
+        learns the new key before any writes with it)."""
         items: list[tuple[str, bytes]] = []
+        current: str | None = None
         for n, line in enumerate(re.split(r"[,\n]", text), 1):
             entry = line.split("#", 1)[0].strip()
             if not entry:
+                continue
+            if entry.startswith("current="):
+                current = entry.partition("=")[2].strip()
                 continue
             key_id, sep, encoded = entry.partition(":")
             if not sep:
@@ -131,7 +137,7 @@ class KeyRing:
             items.append((key_id.strip(), raw))
         if not items:
             raise SealingError(f"{source}: no keys")
-        return cls(items)
+        return cls(items, current=current)
 
     @classmethod
     def from_env(cls, name: str = ENV_VAR) -> KeyRing:
