@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -25,7 +28,64 @@ async def test_a_blocking_sleep_is_reported():
     assert monitor.max_stall < 1.0
     assert len(monitor.stalls) == 1
     assert monitor.stalls[0][1] >= 0.25
+    # The thread slept in the kernel: it ran (almost) nothing during the stall, and
+    # the stall is the loop's own (a blocking call), whatever the machine's load.
+    assert monitor.stalls[0].busy < 0.1
+    assert monitor.stalls[0].own >= 0.25 - monitor.stalls[0].waited
+    assert monitor.max_own_stall == monitor.stalls[0].own
     assert not monitor.running
+
+
+async def test_a_stall_of_the_loops_own_work_is_told_from_time_it_did_not_run():
+    async with LoopStallMonitor() as monitor:
+        await asyncio.sleep(0.05)
+
+        async def spinner() -> None:
+            # 0.3 s of the thread's own CPU, however long that takes on a busy machine.
+            until = time.thread_time() + 0.3
+            while time.thread_time() < until:
+                pass
+
+        await spinner()
+        await asyncio.sleep(0.05)
+    assert len(monitor.stalls) == 1
+    stall = monitor.stalls[0]
+    assert stall.busy >= 0.3
+    assert stall.seconds >= stall.busy - 0.02  # a window's CPU fits in it (tick jitter)
+    # Spinning is the loop's own work: only time spent waiting for a core is not.
+    assert stall.own == pytest.approx(stall.seconds - stall.waited)
+    assert stall.own >= stall.busy - 0.02
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's schedstat")
+def test_time_the_machine_kept_the_loop_from_a_core_is_not_its_own():
+    """Three CPU burners pinned with this test to one core: the loop's ticks run late
+    because the core is shared, and the monitor says so (run-queue waits)."""
+    code = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"
+    core = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    burners = []
+    try:
+        os.sched_setaffinity(0, {core})
+        burners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(3)]
+        for b in burners:
+            os.sched_setaffinity(b.pid, {core})
+
+        async def watch() -> LoopStallMonitor:
+            async with LoopStallMonitor(threshold=0.0, keep=100_000) as monitor:
+                await asyncio.sleep(1.0)
+            return monitor
+
+        monitor = asyncio.run(watch())
+    finally:
+        os.sched_setaffinity(0, before)
+        for b in burners:
+            b.kill()
+            b.wait()
+    late = sum(s.seconds for s in monitor.stalls)
+    waited = sum(s.waited for s in monitor.stalls)
+    assert late > 0.2  # four runnable threads on one core: the ticker ran late...
+    assert waited > 0.5 * late  # ...mostly for want of the core, which is not its own
 
 
 async def test_a_stall_still_in_progress_at_stop_counts():
