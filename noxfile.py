@@ -67,6 +67,20 @@ def faults(session: nox.Session) -> None:
 
 
 @nox.session
+def proof(session: nox.Session) -> None:
+    """The multi-process proof at the issue's size on every shared store: 8 processes x
+    200 coroutines x 50 customers x 5 session expiries (CI runs SQLite and Postgres at
+    6 x 100 x 30; etcd at this size)."""
+    session.run("bash", ".ci/install-servers", external=True)
+    session.install("-e", ".[test]")
+    session.run("pytest", "-s", "-p", "no:cacheprovider",
+                "tests/test_multiprocess.py::test_eight_processes_two_hundred_coroutines_fifty_customers",
+                "tests/test_sqlite_store.py::test_processes_coroutines_customers_and_session_expiries",
+                "tests/test_postgres_store.py::test_processes_coroutines_customers_and_session_expiries",
+                *session.posargs, env={"SFRTR_PROOF_SIZE": "issue"})
+
+
+@nox.session
 def sim(session: nox.Session) -> None:
     """Long deterministic-simulation runs (``-- --runs 200000 --jobs 2 --seed N``)."""
     session.install("-e", ".[test]")

@@ -23,6 +23,9 @@ from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings
 from sfrtr.store.etcd_launcher import LocalEtcd, LocalEtcdCluster, find_production_etcd
 
+# The shared proof harness asserts too: show its values when it fails.
+pytest.register_assert_rewrite("tests.storm_proof")
+
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:

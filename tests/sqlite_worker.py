@@ -24,11 +24,21 @@ from sfrtr import (
 )
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 from sfrtr.loop_stall import LoopStallMonitor
-from tests.etcd_worker import HookedOAuth, report_result, report_stalls, run_mode, say
+from tests.etcd_worker import (
+    HookedOAuth,
+    production_config,
+    report_result,
+    report_stalls,
+    run_mode,
+    say,
+)
 
 
 def build(args: argparse.Namespace) -> TokenManager:
     store = SqliteStore(args.db)
+    if args.production:
+        return TokenManager(HookedOAuth(production_config(args.login_url), args.mode), store,
+                            RefreshPolicy())
     config = OAuthConfig(client_id=DEFAULT_CLIENT_ID, client_secret=Secret(DEFAULT_CLIENT_SECRET),
                          login_url=args.login_url,
                          instance_policy=InstanceUrlPolicy.for_emulator(),
@@ -73,6 +83,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recovery", default="introspect")
     p.add_argument("--grace", type=float, default=None)
     p.add_argument("--wait-timeout", type=float, default=60.0)
+    p.add_argument("--production", action="store_true",
+                   help="the product's RefreshPolicy and OAuth timeouts (only the store's "
+                        "options as given)")
     return p.parse_args(argv)
 
 
