@@ -165,6 +165,35 @@ async def test_unknown_column_fails_the_job_and_leaves_rows_unprocessed(client: 
     with pytest.raises(BulkJobFailed, match="Bogus__c") as info:
         await client.bulk.insert("Account", [{"Name": "a", "Bogus__c": "x"}], poll=FAST)
     assert info.value.job.records_processed == 0
+    assert info.value.result is not None
+    assert [r async for r in info.value.result.unprocessed()] == [{"Name": "a",
+                                                                   "Bogus__c": "x"}]
+
+
+async def test_one_failed_job_of_several_keeps_the_others_results(client: Client,
+                                                                  emulator: Emulator):
+    emulator.ensure_customer("acme")
+    rows = [{"Name": f"n{i:03d}", "Industry": "x"} for i in range(60)]
+    job_sizes: list[int] = []
+    real_create = client.bulk.create_ingest_job
+
+    async def second_job_with_a_bad_line_ending(*args, **kwargs):  # one job misconfigured
+        job_sizes.append(len(job_sizes))
+        if len(job_sizes) == 2:
+            kwargs["line_ending"] = "CRLF"
+        return await real_create(*args, **kwargs)
+
+    client.bulk.create_ingest_job = second_job_with_a_bad_line_ending  # type: ignore[method-assign]
+    with pytest.raises(BulkJobFailed, match="LineEnding") as info:
+        await client.bulk.insert("Account", rows, max_upload_base64=200, poll=FAST)
+    result = info.value.result
+    assert result is not None
+    assert len(result.jobs) >= 3
+    assert [j.state for j in result.jobs].count("Failed") == 1
+    saved = [r["Name"] async for r in result.successful()]
+    left = [r["Name"] async for r in result.unprocessed()]
+    assert sorted(saved + left) == [r["Name"] for r in rows]
+    assert left  # the failed job's rows, readable for a retry
 
 
 async def test_progress_backoff_and_abort_mid_job(client: Client, emulator: Emulator):

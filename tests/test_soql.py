@@ -43,3 +43,30 @@ def test_arbitrary_text_only_raises_soql_error(text):
 def test_keyword_soup_only_raises_soql_error(text):
     with contextlib.suppress(SoqlError):
         parse("SELECT " + text)
+
+
+def test_escapes_in_and_dates():
+    q = parse("SELECT Id FROM Account WHERE Name = 'a\\nb\\t\\\\\\'\\\"' AND Industry IN "
+              "('x', 'y') AND Type NOT IN (null) AND CreatedDate != 2024-05-01T12:00:00Z "
+              "AND CloseDate = 2024-05-01")
+    assert q.where == (
+        Condition("Name", False, "a\nb\t\\'\""),
+        Condition("Industry", False, ("x", "y"), in_list=True),
+        Condition("Type", True, (None,), in_list=True),
+        Condition("CreatedDate", True, "2024-05-01T12:00:00Z"),
+        Condition("CloseDate", False, "2024-05-01"),
+    )
+    assert q.where[1].matches("y")
+    assert not q.where[2].matches(None)
+
+
+@pytest.mark.parametrize("text", [
+    "SELECT Id FROM Account WHERE Name = 'bad \\q escape'",
+    "SELECT Id FROM Account WHERE Name IN ()",
+    "SELECT Id FROM Account WHERE Name IN ('a'",
+    "SELECT Id FROM Account WHERE Name NOT = 'a'",
+    "SELECT Id FROM Account WHERE Name IN 'a'",
+])
+def test_malformed_conditions_are_soql_errors(text):
+    with pytest.raises(SoqlError):
+        parse(text)

@@ -55,6 +55,9 @@ class BulkJobFailed(SalesforceError):
         super().__init__(200, "BULK_JOB_" + job.state.upper(),
                          f"job {job.id} {job.state}: {job.error_message or 'no message'}")
         self.job = job
+        self.result: IngestResult | None = None
+        """From an ingest: every job of the call, finished, so the rows of the
+        jobs that completed (and the unprocessed ones) can still be read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,10 +294,21 @@ class Bulk:
                 jobs.append(await self.close(job.id))
             finally:
                 spool.close()
-        if wait:
-            jobs = [await self.wait(job.id, poll=poll, on_progress=on_progress)
-                    for job in jobs]
-        return IngestResult(self, jobs)
+        if not wait:
+            return IngestResult(self, jobs)
+        finished: list[JobInfo] = []
+        failure: BulkJobFailed | None = None
+        for job in jobs:
+            try:
+                finished.append(await self.wait(job.id, poll=poll, on_progress=on_progress))
+            except BulkJobFailed as exc:  # the other jobs still run: wait for them too
+                finished.append(exc.job)
+                failure = failure or exc
+        result = IngestResult(self, finished)
+        if failure is not None:
+            failure.result = result
+            raise failure
+        return result
 
     async def query(self, soql: str, *, include_deleted: bool = False,
                     poll: WaitPolicy | None = None,
