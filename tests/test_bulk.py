@@ -318,3 +318,40 @@ async def test_the_emulators_result_pages_on_the_wire(emulator: Emulator, client
                                     path.replace("v67.0", "v60.0"))
     assert status == 409  # results only with the API version that made the job
     assert body[0]["errorCode"] == "INVALIDJOB"
+
+
+async def test_an_upload_refused_for_an_expired_session_is_sent_again_whole(
+        client: Client, emulator: Emulator):
+    from sfrtr.salesforce.bulk import _Spool
+
+    spool = _Spool(b"Name\n")
+    for i in range(3000):
+        spool.add(f"row {i}\n".encode())
+    job = await client.bulk.create_ingest_job("Account", "insert")
+    emulator.expire_sessions("acme")
+    await client.bulk.upload(job.id, spool.body(), spool.size)
+    spool.close()
+    assert emulator.ledger["redemptions"] == 1
+    assert emulator.bulk.ingest[job.id].uploads == 1  # the 401 took no data
+    await client.bulk.close(job.id)
+    done = await client.bulk.wait(job.id, poll=FAST)
+    assert done.records_processed == 3000
+
+
+async def test_a_dropped_upload_is_not_retried_and_its_job_is_aborted(client: Client,
+                                                                      emulator: Emulator):
+    from sfrtr import ServerUnavailable
+
+    real_upload = client.bulk.upload
+
+    async def drop_then_upload(*args, **kwargs):
+        emulator.faults.set("api", reset_before=1)  # the upload's connection is dropped
+        return await real_upload(*args, **kwargs)
+
+    client.bulk.upload = drop_then_upload  # type: ignore[method-assign]
+    refused = emulator.ledger["api_refused"]
+    with pytest.raises(ServerUnavailable, match="CONNECTION_ERROR"):
+        await client.bulk.insert("Account", [{"Name": "once"}], poll=FAST)
+    assert emulator.ledger["api_refused"] == refused + 1  # one attempt, no retry
+    [job] = emulator.bulk.ingest.values()
+    assert (job.uploads, job.state) == (0, "Aborted")
