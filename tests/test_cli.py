@@ -51,6 +51,7 @@ BAD_INPUTS = [
     (["demo", "--processes", "2", "--store", "memory"], "cannot be shared"),
     (["demo", "--naive", "--processes", "2"], "--naive uses no store"),
     (["demo", "--store", "postgres"], "--store postgres needs --postgres DSN"),
+    (["demo", "--duration", "2", "--expire-every", "2"], "no session would expire"),
     (["emulator", "--port", "99999"], "99999 is not a port: use 1-65535"),
     (["emulator", "--port", "http"], "'http' is not a port number"),
     (["emulator", "--host", "0.0.0.0"], "0.0.0.0 is not a loopback address"),
@@ -147,7 +148,8 @@ def test_a_username_without_a_password_is_one_line(capsys):
 
 
 def test_demo_on_an_unreachable_etcd_names_it(capsys):
-    code = run(["demo", "--processes", "2", "--etcd", "127.0.0.1:1", "--duration", "1"])
+    code = run(["demo", "--processes", "2", "--etcd", "127.0.0.1:1", "--duration", "1",
+                "--expire-every", "0.4"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1

@@ -42,6 +42,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
     config = DemoConfig(customers=args.customers, concurrency=args.concurrency,
                         duration=args.duration, expire_every=args.expire_every,
                         naive=args.naive)
+    if not config.expiry_times():
+        raise CommandFailed(f"no session would expire: --duration {args.duration:g} leaves no "
+                            f"room for an expiry every {args.expire_every:g} s (the last half "
+                            "second has none); make --duration longer or --expire-every shorter")
     if store == "memory":
         return main_demo(config)
     from sfrtr.cli import demo_processes
