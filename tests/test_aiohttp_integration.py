@@ -377,3 +377,32 @@ async def test_the_example_app_runs(emulator: Emulator, http):
         assert await client.server.app[sfrtr_aiohttp.MANAGER].status("globex") is None
     finally:
         await client.close()
+
+
+async def test_every_mac_is_compared_in_constant_time(emulator: Emulator, app_client, http,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    """The PKCE cookie's MAC and the CSRF token go through hmac.compare_digest (a spy
+    records what it compared; the comparisons still run). The emulator, in this
+    process too, makes comparisons of its own: only ours are looked for."""
+    import hmac as hmac_module
+
+    from sfrtr import oauth_state
+
+    real = hmac_module.compare_digest
+    compared: list[bytes] = []
+
+    def spy(a: bytes | str, b: bytes | str) -> bool:
+        compared.extend(x.encode() if isinstance(x, str) else bytes(x) for x in (a, b))
+        return real(a, b)  # type: ignore[type-var]
+
+    monkeypatch.setattr(oauth_state.hmac, "compare_digest", spy)
+    callback = await authorize(app_client, http)
+    jar = app_client.session.cookie_jar.filter_cookies(app_client.make_url(callback))
+    pkce_mac = jar[sfrtr_aiohttp.PKCE_COOKIE].value.rsplit(".", 1)[1]
+    assert (await app_client.get(callback, allow_redirects=False)).status == 302
+    assert pkce_mac.encode() in compared
+    token = await csrf(app_client)
+    r = await app_client.post("/salesforce/disconnect?customer=acme", allow_redirects=False,
+                              data={"csrf_token": token})
+    assert r.status == 303
+    assert token.encode() in compared

@@ -12,7 +12,8 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -147,12 +148,25 @@ async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Bro
     await chromium.close()
 
 
+async def eventually(check: Callable[[], Awaitable[bool]], what: str,
+                     timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.05)
+
+
 async def connect(browser: Browser, site: Site, customer: str) -> str:
     """Index page → Connect → the emulator approves → callback → the accounts page."""
     await browser.get(f"{site.balancer.url}/?customer={customer}")
     await browser.wait_for_text(f"sfrtr example: {customer}")
     await browser.click("#connect")
-    return await browser.wait_for_text("accounts")
+
+    async def on_accounts() -> bool:
+        return urlsplit(await browser.url()).path == "/accounts"
+
+    await eventually(on_accounts, "the accounts page after the callback")
+    return await browser.wait_for_text(" accounts\n")
 
 
 async def test_connect_authorize_callback_query(browser: Browser, site: Site, tmp_path: Path):
@@ -210,6 +224,11 @@ async def test_a_cross_site_disconnect_is_refused(browser: Browser, site: Site,
     await browser.get(f"{site.balancer.url}/?customer=acme")
     await browser.wait_for_text("Disconnect acme")
     await browser.click("#disconnect button")
+
+    async def revoked() -> bool:
+        return bool(site.emulator.ledger["revocations"] == revocations + 1)
+
+    await eventually(revoked, "the disconnect's revocation")
     await browser.wait_for_text("sfrtr example: acme")
     await browser.screenshot(tmp_path / "disconnected.png")
     assert site.emulator.ledger["revocations"] == revocations + 1

@@ -13,7 +13,15 @@ from typing import Any
 import orjson
 import pytest
 
-from sfrtr import RefreshPolicy, Secret, Status, StoreError, TokenManager, TokenRecord
+from sfrtr import (
+    Intent,
+    RefreshPolicy,
+    Secret,
+    Status,
+    StoreError,
+    TokenManager,
+    TokenRecord,
+)
 from sfrtr.emulator import Emulator
 from sfrtr.store.sealing import KeyRing, Sealer, SealingError, new_key, rekey
 from tests.conftest import emulator_grant, emulator_oauth
@@ -230,6 +238,24 @@ async def test_rotation_and_rekey(make: MakeStore):
     for customer in ("a", "b", "c"):
         assert (await only_new.read(customer)).record == RECORD  # type: ignore[union-attr]
     assert len(await only_new.rescues("b")) == 1
+
+
+async def test_rekey_leaves_a_record_held_by_a_refresh_and_says_so(make: MakeStore):
+    store = make(ring("k1"))
+    await store.put("free", RECORD)
+    held = await store.put("held", RECORD)
+    locked = await store.acquire("held", held.version, Intent(
+        "w1", RECORD.refresh_token.fingerprint, time.time(), id="rekey-test"))
+    assert locked is not None
+    rotated = make(ring("k1", "k2"))
+    report = await rekey(rotated, attempts=2, busy_wait=0.1)
+    assert (report.resealed, report.busy) == (1, ["held"])
+    after = await rotated.read("held")
+    assert after is not None
+    assert after.version == locked.version  # untouched: its refresh's commit wins
+    # The refresh commits (sealing with whatever its process's newest key is).
+    assert await store.commit("held", locked.version, RECORD) is not None
+    assert (await rekey(rotated)).busy == []
 
 
 async def test_a_wrong_or_missing_key_overwrites_nothing(make: MakeStore, emulator: Emulator):

@@ -46,6 +46,8 @@ from sfrtr.records import Status, TokenRecord
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    from sfrtr.store.base import TokenStore
+
 __all__ = ["ENV_VAR", "KeyRing", "RekeyReport", "Sealer", "SealingError", "rekey"]
 
 ENV_VAR = "SFRTR_KEYS"
@@ -291,7 +293,7 @@ class RekeyReport:
     with the newest key anyway); run again later."""
 
 
-async def rekey(store: Any, *, customers: Iterable[str] | None = None,
+async def rekey(store: TokenStore, *, customers: Iterable[str] | None = None,
                 attempts: int = 5, busy_wait: float = 2.0) -> RekeyReport:
     """Re-seal every record of ``store`` with the newest key of its sealer.
 
