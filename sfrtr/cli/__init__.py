@@ -217,7 +217,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("status", "clear"):
         from sfrtr.cli.operate import operate
 
-        require_extra("etcd", f"sfrtr {args.command}")
+        require_extra("etcd", "the etcd store")
         return operate(args, password=os.environ.get(ETCD_ENV + "PASSWORD"))
     return _migrate(args)
 
@@ -232,7 +232,7 @@ def _migrate(args: argparse.Namespace) -> int:
     if args.print_sql:
         print(migration_script(names), end="")
         return 0
-    require_extra("postgres", "sfrtr migrate")
+    require_extra("postgres", "the Postgres store")
     from sfrtr.store.postgres import migrate, redact_dsn
 
     where = redact_dsn(args.postgres)
