@@ -55,3 +55,21 @@ def test_the_docs_site_shows_the_same_program():
     quickstart = Path(__file__).parent.parent / "docs" / "quickstart.py"
     assert quickstart.read_text() == program
     assert '--8<-- "docs/quickstart.py"' in (quickstart.parent / "getting-started.md").read_text()
+
+
+def test_the_in_process_emulator_snippet_of_getting_started_runs():
+    """docs/getting-started.md's in-process snippet, in an async function as a reader
+    would put it; it must give a grant the OAuth client can refresh."""
+    page = (Path(__file__).parent.parent / "docs" / "getting-started.md").read_text()
+    snippet = next(block for block in re.findall(r"^```python\n(.*?)^```$", page,
+                                                 flags=re.S | re.M)
+                   if "emulator.serve()" in block)
+    body = "".join(f"    {line}\n" for line in snippet.splitlines())
+    program = ("import asyncio\nimport sfrtr\n\nasync def main():\n" + body +
+               "        outcome = await oauth.refresh(grant.refresh_token)\n"
+               "        await oauth.aclose()\n"
+               "        print(outcome.kind.value)\n\nasyncio.run(main())\n")
+    ran = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                         timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "ok\n"
