@@ -256,3 +256,12 @@ async def test_status_reads_without_a_lease(etcd_server, etcd_store, namespace):
     assert [(r.customer, r.status, r.generation, r.locked) for r in rows] == [
         ("acme", Status.VALID, 2, False)]
     assert rows[0].refresh_fingerprint == record.refresh_token.fingerprint
+
+
+def test_an_unreachable_postgres_is_one_line_without_its_password(capsys):
+    assert run(["migrate", "--postgres", "postgresql://app:hunter2@127.0.0.1:1/db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("sfrtr migrate: error: Postgres at postgresql://app")
+    assert "127.0.0.1:1" in err
+    assert "hunter2" not in err
