@@ -1,9 +1,27 @@
 """The token manager: fresh access tokens for many customers, refreshed safely.
 
 The hot path (:meth:`TokenManager.token` with a fresh token) is a dict
-lookup and a clock comparison: no I/O, no lock. Everything else goes through
-one in-flight refresh per customer (singleflight) which follows the protocol
-of ``docs/protocol.md`` against the configured store.
+lookup and a counter: no I/O, no lock, and no clock read. Everything else goes
+through one in-flight refresh per customer (singleflight) which follows the
+protocol of ``docs/protocol.md`` against the configured store.
+
+Why no clock read, and what bounds a timer that does not fire. Reading
+``time.monotonic()`` was most of what a fresh-token call cost beyond a bare
+awaited dict lookup. Instead, the first call that finds an entry fresh reads
+the clock once and arms a timer on the running loop for the entry's
+``refresh_at``; until then the entry serves ``_CHECK_EVERY`` calls without
+looking at the clock, after which a call reads the clock again. So:
+
+* while the loop that owns the timer runs its callbacks, an entry is served
+  no later than ``refresh_at`` plus that loop's lag, which the refresh margin
+  (default 300 s) keeps far from the estimated expiry;
+* the entry remembers its loop: a call on another loop (the owning one
+  stopped or closed, so its timer can never fire) re-arms on its own loop at
+  its next clock read, and a loop that runs no timer at all (one callback
+  that never yields) is caught by the count: past ``refresh_at`` at most
+  ``_CHECK_EVERY`` calls are served before one reads the clock;
+* a 401 goes through :meth:`TokenManager.refresh`, which never trusts the
+  cached entry for the token that failed.
 """
 
 from __future__ import annotations
@@ -16,8 +34,10 @@ import os
 import secrets
 import socket
 import time
+from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from types import TracebackType
 from typing import NamedTuple, TypeVar
 
 from sfrtr import protocol
@@ -49,7 +69,10 @@ from sfrtr.store.memory import MemoryStore
 
 T = TypeVar("T")
 log = logging.getLogger("sfrtr.manager")
-_monotonic = time.monotonic  # a module global: one lookup less on the hot path
+_monotonic = time.monotonic  # a module global: one lookup less where the clock is read
+_CHECK_EVERY = 64
+"""Fresh-token calls an entry serves between two reads of the clock (see the module doc):
+a bound in calls on a timer that cannot fire; the cost is one clock read per 64 calls."""
 
 #: Client-side OAuth errors that mean our configuration is wrong, not the grant.
 _CONFIG_ERRORS = frozenset({"invalid_client", "invalid_client_id", "unsupported_grant_type",
@@ -79,10 +102,13 @@ class _Entry:
     cheapest thing the hot path can do, and a NamedTuple field is not.
     ``version`` is the store version the record was read or written at: the
     cache only ever moves forward, so a late flight cannot put back an older
-    grant's tokens.
+    grant's tokens. ``calls`` is how many fresh-token calls may still skip the
+    clock: 0 means read it (a new entry, a count used up, or the timer on
+    ``loop`` said ``refresh_at`` has come).
     """
 
-    __slots__ = ("credentials", "expires_at", "refresh_at", "token", "version")
+    __slots__ = ("calls", "credentials", "expires_at", "loop", "refresh_at", "timer", "token",
+                 "version")
 
     def __init__(self, credentials: Credentials, refresh_at: float, expires_at: float,
                  version: int) -> None:
@@ -91,6 +117,40 @@ class _Entry:
         self.refresh_at = refresh_at
         self.expires_at = expires_at
         self.version = version
+        self.calls = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def vouch(self) -> bool:
+        """Read the clock: whether the entry is fresh, and if so let the next
+        ``_CHECK_EVERY`` calls skip the clock, with a timer on the running loop
+        to end that at ``refresh_at``."""
+        now = _monotonic()
+        if now >= self.refresh_at:
+            self.calls = 0
+            return False
+        loop = _get_running_loop()
+        if loop is None:
+            return True  # nothing can time it: every call reads the clock
+        if self.timer is None or self.loop is not loop:
+            # A timer on another loop may never fire (that loop stopped or
+            # closed): arm one here. The old one, if it fires, is ignored.
+            self.loop = loop
+            self.timer = loop.call_at(loop.time() + (self.refresh_at - now), self.due, loop)
+        self.calls = _CHECK_EVERY
+        return True
+
+    def due(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.loop is loop:
+            self.calls = 0
+            self.timer = None
+
+    def retire(self) -> None:
+        """No longer cached: never served again, and its timer is released."""
+        self.calls = 0
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 @dataclass
@@ -141,6 +201,7 @@ class ManagerStats:
 
 
 def default_worker_id() -> str:
+    """``host:pid:random``: unique per process, readable in logs and intents."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
@@ -148,11 +209,20 @@ class TokenManager:
     """Hands out access tokens per customer; refreshes each at most once at a time.
 
     One manager per process is the intended shape: it owns the cache that the
-    hot path reads and the singleflight group that coalesces refreshes.
+    hot path reads and the singleflight group that coalesces refreshes. Use it
+    as ``async with TokenManager(...) as manager:`` or call :meth:`aclose`.
     """
 
     def __init__(self, oauth: OAuthClient, store: TokenStore | None = None,
                  policy: RefreshPolicy | None = None, *, worker_id: str | None = None) -> None:
+        """A manager over ``oauth`` (the token endpoint) and ``store`` (shared records).
+
+        ``store`` defaults to a :class:`~sfrtr.MemoryStore` (one process only);
+        ``policy`` to :class:`~sfrtr.RefreshPolicy`'s defaults; ``worker_id``
+        (written into intents, shown in logs) to host:pid:random. Raises
+        :class:`~sfrtr.ConfigurationError` when the store's lease is too short
+        for the token requests the policy allows.
+        """
         self.oauth = oauth
         self.store: TokenStore = store if store is not None else MemoryStore()
         self.policy = policy or RefreshPolicy()
@@ -161,6 +231,7 @@ class TokenManager:
         self.stats = ManagerStats()
         self._cache: dict[str, _Entry] = {}
         self._flights: Singleflight[str, _Entry] = Singleflight()
+        self._flight_fn = self._flight  # bound once: not one method object per caller
         self._sections: dict[str, asyncio.Task[_Entry | None]] = {}
         self._unfinished: dict[str, _Section] = {}
         self._unsent: dict[str, dict[str, tuple[int, TokenRecord]]] = {}
@@ -214,18 +285,33 @@ class TokenManager:
     async def token(self, customer: str) -> str:
         """A fresh access token for ``customer``.
 
-        Raises :class:`~sfrtr.ReauthorizationRequired` if the grant is dead,
-        :class:`~sfrtr.NotConnected` if there is none.
+        With a fresh token cached this does no I/O, takes no lock and (64 calls
+        in 65) reads no clock. Raises :class:`~sfrtr.ReauthorizationRequired` if
+        the grant is dead, :class:`~sfrtr.NotConnected` if there is none, and
+        what a refresh can raise (:class:`~sfrtr.TokenEndpointUnavailable`,
+        :class:`~sfrtr.CoordinationTimeout`, ...) when one was needed.
         """
-        entry = self._cache.get(customer)
-        if entry is not None and _monotonic() < entry.refresh_at:
+        try:
+            entry = self._cache[customer]
+        except KeyError:
+            return (await self._slow(customer, None)).token
+        if entry.calls:
+            entry.calls -= 1
+            return entry.token
+        if entry.vouch():
             return entry.token
         return (await self._slow(customer, entry)).token
 
     async def credentials(self, customer: str) -> Credentials:
         """Like :meth:`token`, with the instance URL the token is valid for."""
-        entry = self._cache.get(customer)
-        if entry is not None and _monotonic() < entry.refresh_at:
+        try:
+            entry = self._cache[customer]
+        except KeyError:
+            return (await self._slow(customer, None)).credentials
+        if entry.calls:
+            entry.calls -= 1
+            return entry.credentials
+        if entry.vouch():
             return entry.credentials
         return (await self._slow(customer, entry)).credentials
 
@@ -264,12 +350,17 @@ class TokenManager:
                     customer, reason, self.policy.refused_backoff)
         return SessionRefused(customer, reason, until)
 
-    async def _slow(self, customer: str, entry: _Entry | None) -> _Entry:
+    def _slow(self, customer: str, entry: _Entry | None) -> Awaitable[_Entry]:
+        """What a caller without a fresh entry awaits: the customer's flight.
+
+        Not a coroutine: in a storm every caller passes here, and each frame
+        and bound method per caller is garbage the collector must walk while
+        ten thousand callers wait (``docs/benchmarks.md``)."""
         if entry is not None and self.policy.background_refresh and \
                 _monotonic() < entry.expires_at:
             self._refresh_in_background(customer)
-            return entry
-        return await self._fly(customer, None)
+            return _ready(entry)
+        return self._flights.join(customer, self._flight_fn, customer, None)
 
     def _refresh_in_background(self, customer: str) -> None:
         if self._flights.in_flight(customer):
@@ -366,9 +457,11 @@ class TokenManager:
                 log.info("revoke for %s refused (%s); deleting anyway", customer, exc.error)
         self._grants[customer] = self._grants.get(customer, 0) + 1
         await self.store.delete(customer)
-        self._cache.pop(customer, None)
+        self._uncache(customer)
 
     async def status(self, customer: str) -> Status | None:
+        """The stored status of ``customer``'s grant (read from the store, not the
+        cache), or ``None`` if it has none."""
         current = await self.store.read(customer)
         return None if current is None else current.record.status
 
@@ -383,11 +476,23 @@ class TokenManager:
                 await asyncio.wait(pending)
             await self._flights.wait_idle()
 
+    async def __aenter__(self) -> TokenManager:
+        """``async with TokenManager(...) as manager``: the manager, ready to use."""
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        """Close it (:meth:`aclose`), whether or not the block raised."""
+        await self.aclose()
+
     async def aclose(self) -> None:
-        """Let refreshes in flight finish (they may hold burnt tokens), then close."""
+        """Let refreshes in flight finish (they may hold burnt tokens), then close
+        the store and the OAuth client."""
         await self.wait_idle()
         for timer in [*self._settlers, *self._retries.values()]:
             timer.cancel()
+        for entry in self._cache.values():
+            entry.retire()  # releases the hot-path timers; a later call reads the clock
         for customer, section in self._unfinished.items():
             if section.result is not None:
                 log.error("customer %s: rotated tokens could not be stored before close; "
@@ -405,7 +510,7 @@ class TokenManager:
     def _on_store_change(self, customer: str, state: Versioned | None) -> None:
         """Keep the hot-path cache in step with the store, whoever wrote it."""
         if state is None or state.record.status in (Status.REAUTH_REQUIRED, Status.SUSPENDED):
-            self._cache.pop(customer, None)
+            self._uncache(customer)
         elif state.record.status is Status.VALID:
             self._cache_put(customer, state.record, state.version)
 
@@ -419,7 +524,14 @@ class TokenManager:
         current = self._cache.get(customer)
         if current is None or current.version <= version:
             self._cache[customer] = entry
+            if current is not None:
+                current.retire()
         return entry
+
+    def _uncache(self, customer: str) -> None:
+        entry = self._cache.pop(customer, None)
+        if entry is not None:
+            entry.retire()
 
     # -- flights ---------------------------------------------------------------
 
@@ -428,8 +540,7 @@ class TokenManager:
         # another question ("fresh enough?" rather than "newer than mine?") and
         # got its own stale token back asks again.
         while True:
-            entry, _ = await self._flights.do(
-                customer, functools.partial(self._flight, customer, stale))
+            entry = await self._flights.join(customer, self._flight_fn, customer, stale)
             if stale is None or entry.token != stale:
                 return entry
 
@@ -463,7 +574,7 @@ class TokenManager:
                 self._retry_unstored(customer)
                 return self._cache_put(customer, step.record, step.version)
             if isinstance(step, protocol.Fail):
-                self._cache.pop(customer, None)
+                self._uncache(customer)
                 self._retry_unstored(customer)
                 raise step.error
             assert current is not None
@@ -808,7 +919,7 @@ class TokenManager:
                          error: type[ReauthorizationRequired]) -> _Entry:
         await self._commit(customer, section, protocol.dead_record(section.held, reason))
         self.stats.reauth_marked += 1
-        self._cache.pop(customer, None)
+        self._uncache(customer)
         log.warning("customer %s must re-authorize: %s", customer, reason)
         raise error(customer, reason)
 
@@ -974,6 +1085,10 @@ class TokenManager:
             await self.store.save_rescue(customer, section.fence, section.result)
             self.stats.rescued += 1
         self._finished(customer, section)
+
+
+async def _ready(entry: _Entry) -> _Entry:
+    return entry
 
 
 def _untouched_error(customer: str, outcome: RefreshOutcome) -> SfrtrError:

@@ -6,25 +6,39 @@ its result, or its exception. The call runs in its own task, owned by the
 group rather than by any caller, so cancelling a caller (the first one
 included) cancels only that caller's wait: the call goes on and the other
 callers still get its result. Once the call finishes the key is free again.
+
+Each caller waits on a future of its own, and the call's one done-callback
+settles them all in arrival order. That is what ``asyncio.shield`` per caller
+would give, at half the loop callbacks per caller and no closures: under a
+storm of ten thousand callers of one expired customer the difference is most
+of what the storm costs beyond the refresh itself (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, TypeVarTuple, Unpack
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
-@dataclass
 class _Call(Generic[T]):
-    task: asyncio.Task[T]
-    callers: int = 1
-    followers: list[asyncio.Future[None]] = field(default_factory=list)
+    __slots__ = ("callers", "loop", "prune_at", "task", "waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.task: asyncio.Task[T] | None = None
+        self.callers = 0
+        # A dict, not a list: a cancelled caller leaves in O(1), and the
+        # order (arrival) stays deterministic, which the simulation needs.
+        self.waiters: dict[asyncio.Future[T], None] = {}
+        self.prune_at = 64
+
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
 
 
 class Singleflight(Generic[K, T]):
@@ -33,22 +47,51 @@ class Singleflight(Generic[K, T]):
     def __init__(self) -> None:
         self._calls: dict[K, _Call[T]] = {}
 
-    async def do(self, key: K, fn: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
-        """Run ``fn`` for ``key`` unless a call is in flight; return its result.
+    async def do(self, key: K, fn: Callable[[*Ts], Awaitable[T]],
+                 *args: *Ts) -> tuple[T, bool]:
+        """Run ``fn(*args)`` for ``key`` unless a call is in flight; return its result.
 
         Returns ``(value, shared)``: ``shared`` is true when the value went to
-        more than one caller. Raises what ``fn`` raised.
+        more than one caller. Raises what ``fn`` raised. ``args`` are passed
+        only to a call this caller starts (no closure per joining caller).
+        """
+        waiter = self.join(key, fn, *args)
+        call = self._calls[key]
+        try:
+            value = await waiter
+        except asyncio.CancelledError:
+            call.waiters.pop(waiter, None)  # only this caller's future goes
+            raise
+        return value, call.callers > 1
+
+    def join(self, key: K, fn: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> asyncio.Future[T]:
+        """Like :meth:`do`, without the ``shared`` flag: the future of this
+        caller's wait, starting the call if none is in flight. Cancelling the
+        future (or the task awaiting it) ends only this caller's wait.
+
+        Not a coroutine, so a caller that awaits it directly costs no frame of
+        its own: the manager's storm path.
         """
         call = self._calls.get(key)
-        if call is None or call.task.done():
-            call = _Call(asyncio.get_running_loop().create_task(_run(fn)))
+        if call is None or call.task is None or call.task.done():
+            call = _Call(asyncio.get_running_loop())
+            # Registered before the task exists: nothing the call does can
+            # start a second one for the key.
             self._calls[key] = call
-            call.task.add_done_callback(functools.partial(self._finished, key))
-        else:
-            call.callers += 1
-        # shield: cancelling this caller must not cancel the shared task.
-        value = await asyncio.shield(call.task)
-        return value, call.callers > 1
+            task = call.loop.create_task(_run(fn, *args))
+            call.task = task
+            task.add_done_callback(lambda t: self._finished(key, call, t))
+        waiters = call.waiters
+        if len(waiters) >= call.prune_at:
+            # Callers that gave up leave cancelled futures behind: drop them
+            # now and then (amortised O(1)), so a long call stays small.
+            for gone in [w for w in waiters if w.done()]:
+                del waiters[gone]
+            call.prune_at = max(64, 2 * len(waiters))
+        waiter: asyncio.Future[T] = call.loop.create_future()
+        waiters[waiter] = None
+        call.callers += 1
+        return waiter
 
     def forget(self, key: K) -> None:
         """Let the next :meth:`do` for ``key`` start a new call.
@@ -58,27 +101,42 @@ class Singleflight(Generic[K, T]):
         self._calls.pop(key, None)
 
     def in_flight(self, key: K) -> bool:
+        """Whether a call for ``key`` is running now."""
         call = self._calls.get(key)
-        return call is not None and not call.task.done()
+        return call is not None and call.running()
 
     def __len__(self) -> int:
-        return sum(1 for c in self._calls.values() if not c.task.done())
+        return sum(1 for c in self._calls.values() if c.running())
 
     async def wait_idle(self) -> None:
         """Wait until every call in flight now has finished (results ignored)."""
-        tasks = [c.task for c in self._calls.values() if not c.task.done()]
+        tasks = [c.task for c in self._calls.values() if c.task is not None and c.running()]
         if tasks:
             await asyncio.wait(tasks)
 
-    def _finished(self, key: K, task: asyncio.Task[T]) -> None:
-        call = self._calls.get(key)
-        if call is not None and call.task is task:
+    def _finished(self, key: K, call: _Call[T], task: asyncio.Task[T]) -> None:
+        if self._calls.get(key) is call:
             del self._calls[key]
-        if not task.cancelled():
-            # Mark the exception retrieved: every caller may have given up,
-            # and an unobserved exception would only be noise in the log.
-            task.exception()
+        waiters, call.waiters = call.waiters, {}
+        if task.cancelled():
+            for waiter in waiters:
+                waiter.cancel()
+            return
+        # Retrieved here whether or not anyone still waits: every caller may
+        # have given up, and an unobserved exception would only be log noise.
+        exc = task.exception()
+        if exc is not None:
+            for waiter in waiters:
+                if not waiter.done():
+                    # A caller cancelled after this but before it resumes logs
+                    # nothing: the task's wake-up reads the future first.
+                    waiter.set_exception(exc)
+            return
+        value = task.result()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(value)
 
 
-async def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    return await fn()
+async def _run(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: *Ts) -> T:
+    return await fn(*args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import weakref
 
@@ -325,3 +326,82 @@ async def test_an_abandoned_call_ending_badly_reports_nothing_to_the_loop(ending
     finally:
         loop.set_exception_handler(previous)
     assert reported == []
+
+
+async def test_a_joined_wait_cancelled_ends_only_that_wait():
+    group: Singleflight[str, int] = Singleflight()
+    gate = asyncio.Event()
+    runs = 0
+
+    async def work(n: int) -> int:
+        nonlocal runs
+        runs += 1
+        await gate.wait()
+        return n
+
+    first = group.join("k", work, 1)
+    second = group.join("k", work, 2)  # joins: its argument is never used
+    first.cancel()
+    gate.set()
+    assert await second == 1
+    assert first.cancelled()
+    assert runs == 1
+
+
+async def test_callers_that_gave_up_do_not_pile_up_during_a_long_call():
+    """Ten thousand callers each time out while one call runs: the group keeps only
+    the futures of callers still waiting (and a bounded number of dead ones)."""
+    group: Singleflight[str, int] = Singleflight()
+    gate = asyncio.Event()
+
+    async def long_call() -> int:
+        await gate.wait()
+        return 5
+
+    for _ in range(10_000):
+        group.join("k", long_call).cancel()  # a caller that awaited it and timed out
+    patient = [group.join("k", long_call) for _ in range(10)]
+    waiters = group._calls["k"].waiters
+    assert len(waiters) <= 2 * 10 + 64
+    gate.set()
+    assert await asyncio.gather(*patient) == [5] * 10
+
+
+async def test_a_caller_cancelled_just_after_the_call_failed_leaves_no_log_noise():
+    """The failure reached the caller's future, then the caller was cancelled before it
+    resumed: the exception was never raised to anyone, and nobody must hear of it."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        group: Singleflight[str, int] = Singleflight()
+        gate = asyncio.Event()
+
+        async def fails() -> int:
+            await gate.wait()
+            raise RuntimeError("refused")
+
+        caller = asyncio.create_task(group.do("k", fails))
+        watcher = asyncio.create_task(group.do("k", fails))
+        await asyncio.sleep(0)
+        call = group._calls["k"]
+        assert call.task is not None
+        # Runs right after the group's own done-callback settled the futures, before
+        # the callers it woke get to run: the caller is settled, not yet resumed.
+        call.task.add_done_callback(functools.partial(_cancel, caller))
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        with pytest.raises(RuntimeError):
+            await watcher
+        del caller, call
+        gc.collect()
+        await _settle()
+    finally:
+        loop.set_exception_handler(previous)
+    assert reported == []
+
+
+def _cancel(task: asyncio.Task[object], _done: object) -> None:
+    task.cancel()
