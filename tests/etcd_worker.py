@@ -64,8 +64,8 @@ class HookedOAuth(OAuthClient):
 
 
 async def storm(manager: TokenManager, customers: list[str], coroutines: int,
-                duration: float, pause: float, stop: asyncio.Event | None = None
-                ) -> dict[str, Any]:
+                duration: float, pause: float, stop: asyncio.Event | None = None,
+                waves: int = 3) -> dict[str, Any]:
     calls = 0
     failures: dict[str, int] = {}
     connector = aiohttp.TCPConnector(limit=coroutines)
@@ -91,12 +91,13 @@ async def storm(manager: TokenManager, customers: list[str], coroutines: int,
                 try:
                     creds = await manager.credentials(customer)
                     status = await get(creds)
-                    for _ in range(3):
-                        # The emulator expires every session at once: a token refreshed
-                        # just before such a wave is killed by it, so a second 401 can
-                        # be honest; on a machine loaded past its cores (a load of 12
-                        # on two), a refresh and its call can span two waves 3 s apart,
-                        # so a third too. A fourth would not be.
+                    for _ in range(waves):
+                        # The emulator expires every session at once, ``waves`` times
+                        # in a run: each refresh returns a token newer than the one
+                        # refused, and only a later wave can kill that one, so a call
+                        # meets at most one 401 per wave (on a machine loaded past its
+                        # cores a refresh and its call can span several). One more
+                        # would be a token refused for no reason.
                         if status != 401:
                             break
                         creds = await manager.refresh(customer, stale=creds.access_token)
@@ -167,7 +168,7 @@ async def run_mode(manager: TokenManager, args: argparse.Namespace,
     result: dict[str, Any] = {}
     if args.mode == "storm":
         result = await storm(manager, args.customers.split(","), args.coroutines, args.duration,
-                             args.pause, stop)
+                             args.pause, stop, args.waves)
     else:
         customer = args.customers.split(",")[0]
         try:
@@ -229,6 +230,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--coroutines", type=int, default=10)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--pause", type=float, default=0.0, help="seconds between a coroutine's calls")
+    p.add_argument("--waves", type=int, default=3,
+                   help="session expiries the test will cause: a call may meet one 401 each")
     p.add_argument("--production", action="store_true",
                    help="the default RefreshPolicy and OAuth timeouts (lease TTL 30 s unless set)")
     p.add_argument("--lease-ttl", type=int, default=None, help="default 3 (30 with --production)")

@@ -79,6 +79,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--coroutines", type=int, default=10)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--pause", type=float, default=0.0, help="seconds between a coroutine's calls")
+    p.add_argument("--waves", type=int, default=3,
+                   help="session expiries the test will cause: a call may meet one 401 each")
     p.add_argument("--timeout", type=float, default=1.2)
     p.add_argument("--recovery", default="introspect")
     p.add_argument("--grace", type=float, default=None)

@@ -115,7 +115,8 @@ async def run_proof(emulator: Emulator, mine: TokenManager, customers: list[str]
                     size: ProofSize, start_worker: Callable[[int], Awaitable[Any]],
                     *, settle: float = 1.0) -> ProofRun:
     """Start ``size.processes`` workers (``start_worker(i)`` returns a tests.test_multiprocess
-    Worker in storm mode), expire every session ``size.expiries`` times, collect."""
+    Worker in storm mode, told ``--waves size.expiries``), expire every session
+    ``size.expiries`` times, collect."""
     emulator.faults.set("token", latency=0.02, jitter=0.03)
     workers = [await start_worker(i) for i in range(size.processes)]
     try:

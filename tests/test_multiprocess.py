@@ -101,7 +101,7 @@ async def test_eight_processes_two_hundred_coroutines_fifty_customers(
     # A mixed fleet: half the workers mirror the namespace, half only what they serve.
     run = await run_proof(emulator, mine, customers, size, lambda i: Worker.start(
         etcd_server, emulator, namespace, customers, coroutines=size.coroutines,
-        duration=120.0, pause=0.3, production=True,
+        duration=120.0, pause=0.3, production=True, waves=size.expiries,
         mirror="served" if i % 2 else "namespace"), settle=1.5)
     print("\n" + run.summary("etcd"))
     # A busy-wait froze processes for 40 s and more. Nine busy processes on two

@@ -101,7 +101,7 @@ async def test_processes_coroutines_customers_and_session_expiries(
     mine = await connect_all(emulator, dsn, pg_schema, customers, lease_ttl=20)
     run = await run_proof(emulator, mine, customers, size, lambda i: start_worker(
         dsn, pg_schema, emulator, customers, coroutines=size.coroutines, duration=120,
-        pause=0.3, lease_ttl=30, production=True))
+        pause=0.3, lease_ttl=30, production=True, waves=size.expiries))
     print("\n" + run.summary("Postgres"))
     run.check()
 

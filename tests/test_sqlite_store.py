@@ -83,7 +83,7 @@ async def test_processes_coroutines_customers_and_session_expiries(emulator: Emu
     mine = await connect_all(emulator, db, customers)
     run = await run_proof(emulator, mine, customers, size, lambda i: start_worker(
         db, emulator, customers, coroutines=size.coroutines, duration=120, pause=0.3,
-        production=True))
+        production=True, waves=size.expiries))
     print("\n" + run.summary("SQLite"))
     run.check()
 
