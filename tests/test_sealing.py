@@ -158,9 +158,11 @@ def test_rotation_seals_with_the_newest_and_opens_the_older():
     assert both.seal("ns", "acme", RECORD.to_dict())["sealed"].startswith("v1.k2.")
 
 
-def test_records_written_before_sealing_still_open():
+def test_records_written_before_sealing_still_open_unless_refused():
     plain = RECORD.to_dict()
     assert Sealer(ring("k1")).open("ns", "acme", plain) == plain
+    with pytest.raises(SealingError, match="not sealed"):
+        Sealer(ring("k1"), accept_plain=False).open("ns", "acme", plain)
 
 
 # -- every store that writes records out of the process -----------------------------------

@@ -171,9 +171,15 @@ class Sealer:
     """Seals and opens token records with a key ring.
 
     ``keys``: a :class:`KeyRing`, or an async callable returning one (a KMS
-    unwrap), called once by :meth:`ready` (stores call it when they start)."""
+    unwrap), called once by :meth:`ready` (stores call it when they start).
+    ``accept_plain``: read records written before sealing was turned on (sealed by
+    their next write); once every record is sealed (:func:`rekey`), ``False``
+    refuses an unsealed record, which only someone writing to the store behind
+    the workers' back could have put there."""
 
-    def __init__(self, keys: KeyRing | Callable[[], Awaitable[KeyRing]]) -> None:
+    def __init__(self, keys: KeyRing | Callable[[], Awaitable[KeyRing]], *,
+                 accept_plain: bool = True) -> None:
+        self.accept_plain = accept_plain
         self._ring: KeyRing | None = keys if isinstance(keys, KeyRing) else None
         self._unwrap = None if isinstance(keys, KeyRing) else keys
         self._lock = asyncio.Lock()
@@ -221,6 +227,9 @@ class Sealer:
         """``data`` with its tokens back (a record written unsealed is returned as is)."""
         sealed = data.get("sealed")
         if sealed is None:
+            if not self.accept_plain:
+                raise SealingError(f"the record of customer {customer!r} is not sealed, and "
+                                   "this store reads sealed records only (accept_plain=False)")
             return data
         key_id, blob = _parse_sealed(customer, sealed)
         from cryptography.exceptions import InvalidTag
