@@ -63,7 +63,8 @@ log = logging.getLogger("sfrtr.aiohttp")
 CustomerOf = Callable[[web.Request], str | Awaitable[str]]
 ErrorPage = Callable[[str, int, str], web.StreamResponse | Awaitable[web.StreamResponse]]
 """``error_page(kind, status, message)``: the app's own page for a failed step.
-``kind`` is one of :data:`ERROR_KINDS`; ``message`` is safe to show (no secret)."""
+``kind`` is one of :data:`ERROR_KINDS`; ``message`` carries no secret, but may quote
+the error text of Salesforce's answer or of the callback's query: escape it."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SuccessUrl = str | Callable[[str], str]
 """Where the browser goes after connecting: a URL, or ``customer -> URL``."""
