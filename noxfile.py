@@ -41,8 +41,9 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmark suite: prints tables, writes JSON and a PNG under benchmarks/results/."""
-    session.install("-e", ".[test,plot]")
+    """The benchmark suite: prints tables, writes JSON and PNGs under benchmarks/results/
+    (``docs/benchmarks.md`` explains each one)."""
+    session.install("-e", ".[test,bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
     # The stores side by side, with the Nango-style Redis lock beside them.
     session.run("bash", ".ci/install-bench-servers", external=True)

@@ -32,3 +32,31 @@ def storm_chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def storm_wait_chart(distributions: dict[str, list[float]], coroutines: int,
+                     path: Path) -> Path | None:
+    """Caller wait by percentile, per variant, for the one-customer storm (``None``
+    without matplotlib). ``distributions[v][i]`` is the wait at percentile ``i / 2``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for variant, waits in distributions.items():
+        percentiles = [i / 2 for i in range(len(waits))]
+        ax.plot(waits, percentiles, label=variant,
+                linestyle="--" if variant.startswith("floor") else "-")
+    ax.set_xlabel("caller wait, ms (token endpoint latency 50 ms)")
+    ax.set_ylabel("percentile of callers")
+    ax.set_title(f"{coroutines:,} coroutines, one expired customer: wait against the floor")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

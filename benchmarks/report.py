@@ -22,7 +22,20 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[dist] = None
     return {"python": sys.version.split()[0], "platform": platform.platform(),
-            "cpus": os.cpu_count(), "versions": versions}
+            "cpus": os.cpu_count(), "cpu model": _cpu_model(),
+            "load average (1, 5, 15 min)": [round(x, 2) for x in os.getloadavg()],
+            "versions": versions}
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def table(title: str, rows: list[dict[str, Any]]) -> str:
