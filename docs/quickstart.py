@@ -24,16 +24,13 @@ async def main() -> None:
             code = parse_qs(urlsplit(answer.headers["Location"]).query)["code"][0]
         grant = await oauth.exchange_code(code, redirect_uri=CALLBACK, code_verifier=verifier)
 
-        manager = sfrtr.TokenManager(oauth, sfrtr.MemoryStore())
-        try:
+        async with sfrtr.TokenManager(oauth, sfrtr.MemoryStore()) as manager:
             await manager.connect("acme", grant)  # stores the first grant
             token = await manager.token("acme")  # a fresh access token; no I/O when cached
             creds = await manager.refresh("acme", stale=token)  # after a 401: newer, once
             assert creds.access_token != token
             page = await sfrtr.Client("acme", manager).query("SELECT Id, Name FROM Account")
             print(f"{page.total_size} accounts; refreshed once")
-        finally:
-            await manager.aclose()
 
 
 asyncio.run(main())
