@@ -26,6 +26,7 @@ from sfrtr.errors import (
     StoreError,
     TokenEndpointUnavailable,
 )
+from sfrtr.keeper import IdleKeeper, KeeperReport
 from sfrtr.loop_stall import LoopStallMonitor
 from sfrtr.manager import Credentials, ManagerStats, TokenManager
 from sfrtr.oauth import (
@@ -115,6 +116,7 @@ __all__ = [
     "EtcdSettings",
     "EtcdStore",
     "GrantSuspended",
+    "IdleKeeper",
     "InstanceUrlPolicy",
     "Intent",
     "Introspection",
@@ -123,6 +125,7 @@ __all__ = [
     "InvalidState",
     "InvalidTokenResponse",
     "JwtBearer",
+    "KeeperReport",
     "KeyRing",
     "LeaseLost",
     "LimitInfo",
