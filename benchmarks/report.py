@@ -11,7 +11,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("SFRTR_BENCH_RESULTS") or Path(__file__).parent / "results")
+"""Where JSON and charts go: ``benchmarks/results/``, or ``$SFRTR_BENCH_RESULTS`` (a
+reference run kept apart from the smoke test's tiny runs in a shared work tree)."""
 
 
 def machine() -> dict[str, Any]:
@@ -59,7 +61,7 @@ def _fmt(value: Any) -> str:
 
 def write(name: str, parameters: dict[str, Any], rows: list[dict[str, Any]],
           notes: dict[str, Any] | None = None) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({
         "benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
