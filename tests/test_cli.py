@@ -246,6 +246,13 @@ async def test_status_reads_without_a_lease(etcd_server, etcd_store, namespace):
                          instance_url="https://x.my.salesforce.com", issued_at=1.0,
                          expires_at=time.time() + 3600, generation=2)
     await etcd_store.put("acme", record)
+    # A record sealed at rest: its clear fields show without the key.
+    from sfrtr.store.etcd import EtcdStore
+    from sfrtr.store.sealing import KeyRing, Sealer
+
+    async with EtcdStore(EtcdSettings(endpoints=[etcd_server.endpoint]), namespace=namespace,
+                         sealer=Sealer(KeyRing([("k1", b"k" * 32)]))) as sealed_store:
+        await sealed_store.put("globex/eu", record)
     client = EtcdClient(EtcdSettings(endpoints=[etcd_server.endpoint]))
     try:
         rows = await status_rows(client, namespace)
@@ -254,8 +261,9 @@ async def test_status_reads_without_a_lease(etcd_server, etcd_store, namespace):
     finally:
         await client.close()
     assert [(r.customer, r.status, r.generation, r.locked) for r in rows] == [
-        ("acme", Status.VALID, 2, False)]
+        ("acme", Status.VALID, 2, False), ("globex/eu", Status.VALID, 2, False)]
     assert rows[0].refresh_fingerprint == record.refresh_token.fingerprint
+    assert rows[1].refresh_fingerprint == "sealed"
 
 
 def test_an_unreachable_postgres_is_one_line_without_its_password(capsys):

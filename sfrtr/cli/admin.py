@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
-from sfrtr.errors import RefusedToClear
-from sfrtr.records import Status
+import orjson
+
+from sfrtr.errors import RefusedToClear, StoreError
+from sfrtr.records import Status, TokenRecord
 from sfrtr.store.base import TokenStore
 
 if TYPE_CHECKING:
@@ -51,32 +54,54 @@ async def status_rows(client: EtcdClient, namespace: str, *, page_size: int = 50
                       ) -> list[CustomerStatus]:
     """Every customer under an etcd ``namespace``, sorted by name, read with plain
     Range calls at one revision: no lease, no watch, nothing written (what ``sfrtr
-    status`` runs, so that looking adds no session to a loaded cluster)."""
-    from sfrtr.store.etcd import EtcdStore, _decode
+    status`` runs, so that looking adds no session to a loaded cluster).
 
-    keys = EtcdStore(client.settings, namespace=namespace)  # key layout only: never started
+    A record sealed at rest (:mod:`sfrtr.store.sealing`) keeps its status,
+    generation and expiry in the clear: its row shows them, and ``sealed`` for the
+    refresh token's fingerprint (no key is needed to look).
+    """
+    prefix = f"{namespace}/".encode()
     records: dict[str, bytes] = {}
     locked: set[str] = set()
     rescued: set[str] = set()
-    async for _, kvs in client.range_pages(f"{namespace}/".encode(), page_size):
+    async for _, kvs in client.range_pages(prefix, page_size):
         for kv in kvs:
-            parsed = keys._parse_key(kv.key)
-            if parsed is None:
+            # NS/tok/<customer>, NS/lock/<customer>, NS/rescue/<customer>/<fence>;
+            # customers are percent-encoded in keys.
+            kind, _, rest = kv.key[len(prefix):].decode().partition("/")
+            if kind == "rescue":
+                rest = rest.rpartition("/")[0]
+            if not rest:
                 continue
-            kind, customer = parsed
+            customer = unquote(rest)
             if kind == "tok":
                 records[customer] = kv.value
             elif kind == "lock":
                 locked.add(customer)
-            else:
+            elif kind == "rescue":
                 rescued.add(customer)
     out = []
     for customer in sorted(records):
-        r = _decode(records[customer])
+        r, fingerprint = _readable(customer, records[customer])
         out.append(CustomerStatus(customer, r.status, r.generation, r.expires_at,
-                                  customer in locked, r.reason, r.refresh_token.fingerprint,
+                                  customer in locked, r.reason, fingerprint,
                                   customer in rescued))
     return out
+
+
+def _readable(customer: str, raw: bytes) -> tuple[TokenRecord, str]:
+    """The record's clear fields and its refresh token's fingerprint (``sealed``
+    when the tokens are sealed at rest)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise StoreError(f"the record of customer {customer!r} is not JSON") from None
+    if isinstance(data, dict) and "sealed" in data:
+        # The secrets are in the ciphertext; stand-ins let the clear fields be read.
+        plain = {"instance_url": "", **data, "access_token": "-", "refresh_token": "-"}
+        return TokenRecord.from_dict(plain), "sealed"
+    record = TokenRecord.from_dict(data)
+    return record, record.refresh_token.fingerprint
 
 
 async def clear(store: TokenStore, customer: str, *, force: bool = False) -> Status | None:
