@@ -355,3 +355,15 @@ async def test_a_dropped_upload_is_not_retried_and_its_job_is_aborted(client: Cl
     assert emulator.ledger["api_refused"] == refused + 1  # one attempt, no retry
     [job] = emulator.bulk.ingest.values()
     assert (job.uploads, job.state) == (0, "Aborted")
+
+
+def test_job_info_refuses_what_is_not_a_job():
+    from sfrtr import InvalidResponse
+
+    info = JobInfo.from_json({"id": "750x", "state": "InProgress", "numberRecordsProcessed": 7,
+                              "errorMessage": ""})
+    assert (info.records_processed, info.error_message, info.done) == (7, None, False)
+    for bad in ([], {"id": "750x"}, {"id": 1, "state": "Open"},
+                {"id": "750x", "state": "Open", "numberRecordsFailed": "many"}):
+        with pytest.raises(InvalidResponse):
+            JobInfo.from_json(bad)

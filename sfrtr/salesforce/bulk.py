@@ -79,10 +79,16 @@ class JobInfo:
         if not isinstance(body, dict) or not isinstance(body.get("id"), str) or \
                 not isinstance(body.get("state"), str):
             raise InvalidResponse(200, "INVALID_RESPONSE", "not a Bulk API 2.0 job")
+        try:
+            processed = int(body.get("numberRecordsProcessed") or 0)
+            failed = int(body.get("numberRecordsFailed") or 0)
+        except (TypeError, ValueError):
+            raise InvalidResponse(200, "INVALID_RESPONSE", "job record counts are not "
+                                                           "numbers") from None
+        message = body.get("errorMessage")
         return cls(body["id"], body["state"], str(body.get("operation", "")),
-                   str(body.get("object", "")), int(body.get("numberRecordsProcessed") or 0),
-                   int(body.get("numberRecordsFailed") or 0), body.get("errorMessage") or None,
-                   body)
+                   str(body.get("object", "")), processed, failed,
+                   message if isinstance(message, str) and message else None, body)
 
     @property
     def done(self) -> bool:
