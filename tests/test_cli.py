@@ -273,3 +273,41 @@ def test_an_unreachable_postgres_is_one_line_without_its_password(capsys):
     assert err.startswith("sfrtr migrate: error: Postgres at postgresql://app")
     assert "127.0.0.1:1" in err
     assert "hunter2" not in err
+
+
+@pytest.mark.anyio
+async def test_clear_opens_sealed_records_with_the_workers_key_ring(etcd_server, namespace,
+                                                                   capsys, monkeypatch):
+    import asyncio
+    import base64
+
+    from sfrtr.protocol import dead_record
+    from sfrtr.store.etcd import EtcdStore
+    from sfrtr.store.etcd_client import EtcdSettings
+    from sfrtr.store.sealing import KeyRing, Sealer
+
+    key = b"k" * 32
+    record = dead_record(a_record(), "refresh token rejected")
+    async with EtcdStore(EtcdSettings(endpoints=[etcd_server.endpoint]), namespace=namespace,
+                         sealer=Sealer(KeyRing([("k1", key)]))) as store:
+        await store.put("acme", record)
+        argv = ["clear", "acme", "--etcd", etcd_server.endpoint, "--namespace", namespace]
+        monkeypatch.delenv("SFRTR_KEYS", raising=False)
+        assert await asyncio.to_thread(run, argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert "is sealed (key 'k1')" in err
+        assert "$SFRTR_KEYS" in err
+        assert await store.read("acme") is not None  # nothing was cleared
+        monkeypatch.setenv("SFRTR_KEYS", "k1:" + base64.b64encode(key).decode())
+        assert await asyncio.to_thread(run, argv) == 0
+        assert capsys.readouterr().out == "acme: cleared (reauth_required)\n"
+        assert await store.customers() == []  # a direct read (the mirror follows later)
+
+
+def a_record():
+    from sfrtr import TokenRecord
+
+    return TokenRecord(access_token=Secret("at-x"), refresh_token=Secret("rt-x"),
+                       instance_url="https://x.my.salesforce.com", issued_at=1.0,
+                       expires_at=time.time() + 3600, generation=2)

@@ -25,7 +25,7 @@ ETCD_ENV = "SFRTR_ETCD_"
 """Prefix of the environment variables ``status`` and ``clear`` read their etcd
 connection from (``SFRTR_ETCD_ENDPOINTS``, ``SFRTR_ETCD_PASSWORD``...)."""
 
-_EXTRAS = {"etcd": ("aetcd", "grpc"), "postgres": ("asyncpg",)}
+_EXTRAS = {"etcd": ("aetcd", "grpc"), "postgres": ("asyncpg",), "encryption": ("cryptography",)}
 
 _DESCRIPTION = """\
 Share Salesforce OAuth grants safely across asyncio workers under Refresh Token
@@ -108,7 +108,9 @@ _ETCD_ENV_HELP = """\
 Every connection option can come from the environment instead: SFRTR_ETCD_ENDPOINTS
 (comma-separated), SFRTR_ETCD_NAMESPACE, SFRTR_ETCD_CA_FILE, SFRTR_ETCD_CERT_FILE,
 SFRTR_ETCD_KEY_FILE, SFRTR_ETCD_USERNAME and SFRTR_ETCD_PASSWORD (the password is
-read only from the environment: a command line is visible to every user)."""
+read only from the environment: a command line is visible to every user).
+Records sealed at rest: clear opens them with the key ring in SFRTR_KEYS;
+status needs no key (it shows "sealed" for the fingerprint)."""
 
 
 def _demo_options(demo: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -20,6 +21,10 @@ from sfrtr.records import Status
 
 if TYPE_CHECKING:
     from sfrtr.store.etcd_client import EtcdSettings
+
+KEYS_ENV = "SFRTR_KEYS"
+"""Where ``clear`` finds the key ring of a namespace sealed at rest (the workers'
+default too: :data:`sfrtr.store.sealing.ENV_VAR`)."""
 
 
 def operate(args: argparse.Namespace, *, password: str | None) -> int:
@@ -33,7 +38,7 @@ def operate(args: argparse.Namespace, *, password: str | None) -> int:
                                 cert_file=args.cert_file, key_file=args.key_file)
     except SfrtrError as exc:  # e.g. a username without $SFRTR_ETCD_PASSWORD
         raise CommandFailed(f"{exc} (the password comes from $SFRTR_ETCD_PASSWORD)") from None
-    where = f"etcd at {', '.join(endpoints)}"
+    where = f"etcd at {', '.join(endpoints)} (namespace {args.namespace})"
     try:
         if args.command == "status":
             rows = asyncio.run(_status(settings, args.namespace))
@@ -44,16 +49,16 @@ def operate(args: argparse.Namespace, *, password: str | None) -> int:
         hint = "; sfrtr clear --force insists" if exc.forceable else ""
         raise CommandFailed(f"refused: {exc.reason}{hint}") from None
     except (SfrtrError, OSError) as exc:
-        raise CommandFailed(f"{where} (namespace {args.namespace}): {exc}; check --etcd, "
-                            "TLS and credentials") from exc
+        if type(exc).__name__ == "SealingError":  # the records are sealed at rest
+            raise CommandFailed(f"{where}: {exc} (sfrtr clear reads the workers' key ring "
+                                f"from ${KEYS_ENV}: id:base64-key[,...])") from exc
+        raise CommandFailed(f"{where}: {exc}; check --etcd, TLS and credentials") from exc
     print(f"{args.customer}: " + ("nothing stored" if cleared is None
                                   else f"cleared ({cleared.value})"))
     return 0
 
 
 def _env_endpoints() -> list[str]:
-    import os
-
     from sfrtr.cli import ETCD_ENV
     from sfrtr.cli.parsing import endpoint
 
@@ -78,7 +83,12 @@ async def _clear(settings: EtcdSettings, namespace: str, customer: str,
                  force: bool) -> Status | None:
     from sfrtr.store.etcd import EtcdStore
 
-    store = EtcdStore(settings, namespace=namespace)
+    sealer = None
+    if os.environ.get(KEYS_ENV):  # the workers seal records at rest: open them as they do
+        from sfrtr.store.sealing import KeyRing, Sealer
+
+        sealer = Sealer(KeyRing.from_env(KEYS_ENV))
+    store = EtcdStore(settings, namespace=namespace, sealer=sealer)
     try:
         return await clear(store, customer, force=force)
     finally:
