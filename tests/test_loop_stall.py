@@ -26,13 +26,16 @@ async def test_a_blocking_sleep_is_reported():
         await asyncio.sleep(0.05)
     assert monitor.max_stall >= 0.25
     assert monitor.max_stall < 1.0
-    assert len(monitor.stalls) == 1
-    assert monitor.stalls[0][1] >= 0.25
-    # The thread slept in the kernel: it ran (almost) nothing during the stall, and
-    # the stall is the loop's own (a blocking call), whatever the machine's load.
-    assert monitor.stalls[0].busy < 0.1
-    assert monitor.stalls[0].own >= 0.25 - monitor.stalls[0].waited
-    assert monitor.max_own_stall == monitor.stalls[0].own
+    # On a loaded machine the OS may make other ticks late too; the blocking call's
+    # stall is the one that is the loop's own.
+    stall = max(monitor.stalls, key=lambda s: s.own)
+    assert stall.seconds >= 0.25
+    # The thread slept in the kernel: it ran (almost) nothing during the stall, and the
+    # stall is the loop's own (a blocking call) whatever the machine's load: the thread
+    # was not waiting for a core while it slept.
+    assert stall.busy < 0.1
+    assert stall.own >= 0.28
+    assert monitor.max_own_stall == stall.own
     assert not monitor.running
 
 
@@ -48,8 +51,7 @@ async def test_a_stall_of_the_loops_own_work_is_told_from_time_it_did_not_run():
 
         await spinner()
         await asyncio.sleep(0.05)
-    assert len(monitor.stalls) == 1
-    stall = monitor.stalls[0]
+    stall = max(monitor.stalls, key=lambda s: s.busy)  # the OS may add stalls of its own
     assert stall.busy >= 0.3
     assert stall.seconds >= stall.busy - 0.02  # a window's CPU fits in it (tick jitter)
     # Spinning is the loop's own work: only time spent waiting for a core is not.
