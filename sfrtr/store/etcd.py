@@ -90,6 +90,10 @@ class _Mirror:
     stamp waiters compare against."""
     rescues: set[int] | None = None
     """Fences of the customer's rescue entries (``None``: none)."""
+    rescue_at: int = 0
+    """The revision ``rescues`` is known to be current at (the last rescue event, or
+    read, or own write folded in). A write whose answer comes back after the watch
+    delivered newer rescue events must not fold its older view over them."""
     used: float = 0.0
     """Monotonic time this process last used the customer (0: never): a used
     customer's record is kept, its changes reach subscribers."""
@@ -356,7 +360,8 @@ class EtcdStore:
                 kind, customer = parsed
                 m = fresh.get(customer)
                 if m is None:
-                    m = fresh[customer] = _Mirror(observed=revision, lock_at=revision)
+                    m = fresh[customer] = _Mirror(observed=revision, lock_at=revision,
+                                                  rescue_at=revision)
                 if kind == "tok":
                     m.version = kv.mod_revision
                 elif kind == "lock":
@@ -372,13 +377,15 @@ class EtcdStore:
             if old.observed > revision:
                 # Our own write (or a direct read) landed while the pages were read:
                 # it is newer than the snapshot, keep it.
-                if new is not None and new.rescues != old.rescues:
-                    old.rescues = new.rescues
+                if new is not None and new.rescues != old.rescues and \
+                        old.rescue_at <= revision:
+                    old.rescues, old.rescue_at = new.rescues, revision
                     old.changed = max(old.changed, revision)
                 fresh[customer] = old
                 continue
             if new is None:  # deleted while we were not watching
-                new = fresh[customer] = _Mirror(observed=revision, lock_at=revision)
+                new = fresh[customer] = _Mirror(observed=revision, lock_at=revision,
+                                                rescue_at=revision)
             if (old.version, old.locked, old.rescues) != (new.version, new.locked, new.rescues):
                 new.changed = max(old.changed, revision)
             else:
@@ -453,6 +460,7 @@ class EtcdStore:
         m.changed = max(m.changed, revision)
         if kind == "rescue":
             # Direct reads never cover rescues: only events (and loads) do.
+            m.rescue_at = max(m.rescue_at, revision)
             fence = _rescue_fence(event.kv.key)
             if fence is not None:
                 found = m.rescues or set()
@@ -521,8 +529,8 @@ class EtcdStore:
             return
         m = self._observe(customer, revision, tok_kvs, lock_kvs)
         fences = {f for f in map(_rescue_fence, (kv.key for kv in rescue_kvs)) if f is not None}
-        if (m.rescues or set()) != fences:
-            m.rescues = fences or None
+        if (m.rescues or set()) != fences and m.rescue_at <= revision:
+            m.rescues, m.rescue_at = fences or None, revision
             m.changed = max(m.changed, revision)
         first = self._next_watch
         self._next_watch += len(_KINDS)
@@ -778,8 +786,16 @@ class EtcdStore:
                  delete(self._rescue_prefix(customer), prefix=True)])
         self._mark_used(customer)
         self._wrote(customer, result.revision, record, False)
-        self._mirror[customer].rescues = None
+        self._dropped_rescues(customer, result.revision)
         return Versioned(record, result.revision, False, stamp=result.revision)
+
+    def _dropped_rescues(self, customer: str, revision: int) -> None:
+        """Our write at ``revision`` deleted every rescue entry of the customer. If the
+        watch already delivered a newer rescue event (another holder's rescue, saved
+        after our write), it delivered our deletes before it: keep what it built."""
+        m = self._mirror[customer]
+        if m.rescue_at <= revision:
+            m.rescues, m.rescue_at = None, revision
 
     def _mark_used(self, customer: str) -> None:
         self._mirror.setdefault(customer, _Mirror()).used = time.monotonic()
@@ -843,6 +859,13 @@ class EtcdStore:
 
     def _wrote_rescue(self, customer: str, fence: int, revision: int, present: bool) -> None:
         m = self._mirror.setdefault(customer, _Mirror())
+        if revision < m.rescue_at:
+            # The watch ran ahead of this answer: it delivered this write already,
+            # and newer rescue changes after it (a put that dropped this entry).
+            m.changed = max(m.changed, revision)
+            self._wake(customer)
+            return
+        m.rescue_at = revision
         found = m.rescues or set()
         if present:
             found.add(fence)
@@ -920,7 +943,7 @@ class EtcdStore:
             # Gone already: a retried request whose first attempt landed, or another
             # deleter. Either way what was asked for is true.
         self._wrote(customer, result.revision, None, False)
-        self._mirror[customer].rescues = None
+        self._dropped_rescues(customer, result.revision)
         return True
 
     async def customers(self) -> list[str]:
