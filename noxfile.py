@@ -47,7 +47,6 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks", *session.posargs)
     # The stores side by side, with the Nango-style Redis lock beside them.
     session.run("bash", ".ci/install-bench-servers", external=True)
-    session.install("redis>=5")
     session.run("python", "-m", "benchmarks.stores", *session.posargs)
 
 
