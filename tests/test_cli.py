@@ -37,6 +37,8 @@ def sfrtr_process(*args: str, env: dict[str, str] | None = None,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
+COMMANDS = ("demo", "emulator", "status", "clear", "keeper", "rekey", "migrate")
+
 BAD_INPUTS = [
     (["demo", "--customers", "abc"], "'abc' is not a whole number"),
     (["demo", "--customers", "0"], "0 must be at least 1"),
@@ -59,6 +61,20 @@ BAD_INPUTS = [
     (["status", "--namespace", "foo/"], "'foo/' is not a namespace"),
     (["status", "--namespace", ""], "'' is not a namespace"),
     (["status", "--etcd", "localhost"], "'localhost' is not HOST:PORT"),
+    (["status", "--sqlite", "a.db", "--postgres", "x"], "give one store: --sqlite or --postgres"),
+    (["status", ""], "the customer name is empty"),
+    (["keeper", "--max-idle-days", "-1"], "-1 must be a finite number of days, 0 or more"),
+    (["keeper", "--max-idle-days", "nan"], "nan must be a finite number of days"),
+    (["keeper", "--rate", "0"], "0 must be a finite number per second above 0"),
+    (["keeper", "--period", "soon"], "'soon' is not a number of seconds"),
+    (["keeper", "--json"], "--json is for --once"),
+    (["keeper", "--once", "--client-id", "", "--sqlite", "/nonexistent.db"],
+     "no client id: give --client-id or set $SFRTR_CLIENT_ID"),
+    (["keeper", "--once", "--client-id", "app", "--login-url", "http://login.example.com"],
+     "is not https (plain http is for the emulator on a loopback address only)"),
+    (["keeper", "--once", "--client-id", "app", "--sqlite", "/nonexistent.db"],
+     "no SQLite store at /nonexistent.db"),
+    (["rekey", "--sqlite", "/nonexistent.db"], "no SQLite store at /nonexistent.db"),
     (["clear", ""], "the customer name is empty"),
     (["clear", " acme"], "' acme' has leading or trailing blanks"),
     (["migrate"], "the following arguments are required: --postgres"),
@@ -75,8 +91,7 @@ def test_a_bad_input_is_one_line_and_exit_status_2(capsys, argv, says):
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1, err
-    command = argv[0] if argv and argv[0] in ("demo", "emulator", "status", "clear",
-                                              "migrate") else ""
+    command = argv[0] if argv and argv[0] in COMMANDS else ""
     assert err.startswith(f"sfrtr {command}: error: ".replace(" :", ":"))
     assert says in err
     assert "Traceback" not in err
@@ -95,7 +110,7 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"sfrtr {sfrtr.__version__}\n"
 
 
-@pytest.mark.parametrize("command", ["demo", "emulator", "status", "clear", "migrate"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_of_every_command_says_its_defaults_without_markup(capsys, command):
     assert run([command, "--help"]) == 0
     text = capsys.readouterr().out
@@ -107,7 +122,10 @@ def test_help_of_every_command_says_its_defaults_without_markup(capsys, command)
     defaults = {"demo": ["(default: 20)", "(default: 200)", "(default: 10.0)", "(default: 2.0)"],
                 "emulator": ["(default: 127.0.0.1)", "(default: 8765)", "(default: 0)"],
                 "status": ["(default: sfrtr)", "SFRTR_ETCD_PASSWORD", "127.0.0.1:2379"],
-                "clear": ["(default: sfrtr)", "--force"],
+                "clear": ["(default: sfrtr)", "--force", "--sqlite PATH"],
+                "keeper": ["(default: 7.0)", "(default: 3600.0)", "(default: 1.0)",
+                           "SFRTR_CLIENT_SECRET", "(default: https://login.salesforce.com)"],
+                "rekey": ["SFRTR_KEYS", "--postgres DSN", "(default: public)"],
                 "migrate": ["(default: public)", "(default: sfrtr)"]}[command]
     for default in defaults:
         assert default in text, default
@@ -116,7 +134,7 @@ def test_help_of_every_command_says_its_defaults_without_markup(capsys, command)
 def test_top_level_help_lists_every_command_and_the_exit_statuses(capsys):
     assert run(["--help"]) == 0
     text = capsys.readouterr().out
-    for command in ("demo", "emulator", "status", "clear", "migrate"):
+    for command in COMMANDS:
         assert f"    {command} " in text
     assert "exit status: 0" in text
     assert "130 interrupted" in text

@@ -1,11 +1,12 @@
-"""The ``sfrtr`` command: demo, emulator, status, clear, migrate.
+"""The ``sfrtr`` command: demo, emulator, status, clear, keeper, rekey, migrate.
 
 Exit status: 0 when the command did its job (for the demo: every invariant
 held); 1 when the demo ran and an invariant did not hold (``--naive`` locks
-customers out on purpose, so it exits 1); 2 when the command could not do its
-job as asked (a bad option, a missing extra, a server that cannot be reached,
-a port in use, a refusal): one line on stderr says what was wrong and what to
-do, and ``-v`` adds the traceback; 130 after Ctrl-C.
+customers out on purpose, so it exits 1), or ``rekey`` left busy records; 2
+when the command could not do its job as asked (a bad option, a missing extra,
+a server that cannot be reached, a port in use, a refusal): one line on stderr
+says what was wrong and what to do, and ``-v`` adds the traceback; 130 after
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import asyncio
 import importlib.util
 import logging
-import os
 import sys
 import traceback
 
@@ -22,7 +22,7 @@ from sfrtr.cli import parsing
 from sfrtr.cli.parsing import HelpFormatter, OneLineParser
 
 ETCD_ENV = "SFRTR_ETCD_"
-"""Prefix of the environment variables ``status`` and ``clear`` read their etcd
+"""Prefix of the environment variables the store commands read their etcd
 connection from (``SFRTR_ETCD_ENDPOINTS``, ``SFRTR_ETCD_PASSWORD``...)."""
 
 _EXTRAS = {"etcd": ("aetcd", "grpc"), "postgres": ("asyncpg",), "encryption": ("cryptography",)}
@@ -30,11 +30,12 @@ _EXTRAS = {"etcd": ("aetcd", "grpc"), "postgres": ("asyncpg",), "encryption": ("
 _DESCRIPTION = """\
 Share Salesforce OAuth grants safely across asyncio workers under Refresh Token
 Rotation. These commands show it working (demo, emulator) and operate the
-stored grants (status, clear, migrate).
+stored grants (status, clear, keeper, rekey, migrate).
 
 exit status: 0 done (demo: the invariants held); 1 the demo saw an invariant
-broken (--naive does, on purpose); 2 the command could not run as asked (one
-line says why; -v shows the traceback); 130 interrupted."""
+broken (--naive does, on purpose), or rekey left busy records to do again; 2 the
+command could not run as asked (one line says why; -v shows the traceback);
+130 interrupted."""
 
 
 class CommandFailed(Exception):
@@ -50,6 +51,7 @@ def _verbose_flag(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``sfrtr`` argument parser (every subcommand, with its help and defaults)."""
     from sfrtr import __version__
+    from sfrtr.cli.stores import ENV_HELP, add_store_options
 
     parser = OneLineParser(prog="sfrtr", description=_DESCRIPTION,
                            formatter_class=HelpFormatter)
@@ -77,20 +79,49 @@ def build_parser() -> argparse.ArgumentParser:
         "data, not a real credential)."))
     status = command(
         "status", "list customers and the status of their grants (never token values)",
-        "List every customer stored under an etcd namespace, with its grant status,\n"
-        "generation, lock state and refresh-token fingerprint. Reads only: takes no\n"
-        "lease and writes nothing.\n\n" + _ETCD_ENV_HELP)
-    _etcd_options(status)
+        "List every customer of a store with its grant status, generation, lock state,\n"
+        "last refresh (UTC), idle days and refresh-token fingerprint; with CUSTOMER, one\n"
+        "record's fields. Reads only: on etcd it takes no lease and shows records sealed\n"
+        "at rest without their key; on SQLite or Postgres it reads through the store\n"
+        "(no lock taken, nothing written) and opens sealed records with $SFRTR_KEYS.\n\n"
+        + ENV_HELP)
+    add_store_options(status)
+    status.add_argument("customer", nargs="?", type=parsing.customer, default=None,
+                        help="show this customer's record only")
+    status.add_argument("--json", action="store_true",
+                        help="print one JSON document (a list of objects) instead of a table")
     clear = command(
         "clear", "delete a customer's dead (reauth_required) record",
         "Delete a customer's record once it is reauth_required and the customer has\n"
         "re-authorized the app. A record in any other status holds a live grant and\n"
-        "is kept unless --force is given.\n\n" + _ETCD_ENV_HELP)
-    _etcd_options(clear)
+        "is kept unless --force is given. Records sealed at rest are opened with the\n"
+        "key ring in SFRTR_KEYS.\n\n" + ENV_HELP)
+    add_store_options(clear)
     clear.add_argument("customer", type=parsing.customer, help="the customer to clear")
     clear.add_argument("--force", action="store_true",
                        help="clear even a record that is not reauth_required (discards a "
                             "live grant: the customer must re-authorize)")
+    keeper = command(
+        "keeper", "keep idle grants alive: refresh those unused for --max-idle-days",
+        "Refresh every valid grant whose last refresh is older than --max-idle-days,\n"
+        "through the same lock, fencing and intent as the workers (never a second\n"
+        "redemption), at most --rate per second. One pass per --period across the fleet\n"
+        "(claimed in the store): several keepers may run, one works per period. Runs\n"
+        "until SIGTERM (exit 0) or Ctrl-C (130); --once runs one pass and prints what it\n"
+        "did. The connected app: --client-id or $SFRTR_CLIENT_ID, the secret from\n"
+        "$SFRTR_CLIENT_SECRET only, --login-url or $SFRTR_LOGIN_URL. Records sealed at\n"
+        "rest are opened with the key ring in SFRTR_KEYS.\n\n" + ENV_HELP)
+    add_store_options(keeper)
+    _keeper_options(keeper)
+    rekey = command(
+        "rekey", "re-seal every record with the newest key of $SFRTR_KEYS",
+        "Re-seal every record (and rescue entry) of a store sealed at rest with the\n"
+        "newest key of the key ring in SFRTR_KEYS (id:base64-key[,...], newest last), as\n"
+        "step 4 of the key rotation runbook (docs/security.md). Each record is written\n"
+        "back with a compare on its version: a refresh that moves first wins. Records a\n"
+        "refresh held throughout are reported busy (exit status 1): run it again.\n\n"
+        + ENV_HELP)
+    add_store_options(rekey)
     migrate = command(
         "migrate", "create or upgrade the Postgres store's tables",
         "Create or upgrade the Postgres store's schema, for teams that apply DDL\n"
@@ -102,15 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--print-sql", action="store_true",
                          help="print the SQL instead of running it")
     return parser
-
-
-_ETCD_ENV_HELP = """\
-Every connection option can come from the environment instead: SFRTR_ETCD_ENDPOINTS
-(comma-separated), SFRTR_ETCD_NAMESPACE, SFRTR_ETCD_CA_FILE, SFRTR_ETCD_CERT_FILE,
-SFRTR_ETCD_KEY_FILE, SFRTR_ETCD_USERNAME and SFRTR_ETCD_PASSWORD (the password is
-read only from the environment: a command line is visible to every user).
-Records sealed at rest: clear opens them with the key ring in SFRTR_KEYS;
-status needs no key (it shows "sealed" for the fingerprint)."""
 
 
 def _demo_options(demo: argparse.ArgumentParser) -> None:
@@ -145,23 +167,10 @@ def _emulator_options(p: argparse.ArgumentParser) -> None:
     add_options(p)
 
 
-def _etcd_options(p: argparse.ArgumentParser) -> None:
-    env = os.environ
-    p.add_argument("--etcd", action="append", type=parsing.endpoint, metavar="HOST:PORT",
-                   default=None,
-                   help="an etcd endpoint; repeat for several (default: $SFRTR_ETCD_ENDPOINTS, "
-                        "else 127.0.0.1:2379)")
-    p.add_argument("--namespace", type=parsing.namespace,
-                   default=env.get(ETCD_ENV + "NAMESPACE", "sfrtr"),
-                   help="the key prefix the workers use (EtcdStore(namespace=...))")
-    p.add_argument("--ca-file", default=env.get(ETCD_ENV + "CA_FILE"),
-                   help="CA bundle for TLS (TLS is on when any of the three files is given)")
-    p.add_argument("--cert-file", default=env.get(ETCD_ENV + "CERT_FILE"),
-                   help="client certificate for TLS")
-    p.add_argument("--key-file", default=env.get(ETCD_ENV + "KEY_FILE"),
-                   help="client key for TLS")
-    p.add_argument("--username", default=env.get(ETCD_ENV + "USERNAME"),
-                   help="etcd user (the password comes from $SFRTR_ETCD_PASSWORD)")
+def _keeper_options(p: argparse.ArgumentParser) -> None:
+    from sfrtr.cli.keeper_command import add_options
+
+    add_options(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,8 +228,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("status", "clear"):
         from sfrtr.cli.operate import operate
 
-        require_extra("etcd", "the etcd store")
-        return operate(args, password=os.environ.get(ETCD_ENV + "PASSWORD"))
+        return operate(args)
+    if args.command == "keeper":
+        from sfrtr.cli.keeper_command import run_keeper
+
+        return run_keeper(args)
+    if args.command == "rekey":
+        from sfrtr.cli.rekey_command import run_rekey
+
+        return run_rekey(args)
     return _migrate(args)
 
 

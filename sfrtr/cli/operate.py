@@ -1,104 +1,111 @@
-"""``sfrtr status`` and ``sfrtr clear``: the etcd store's grants, from an operator's shell.
+"""``sfrtr status`` and ``sfrtr clear``: the stored grants, from an operator's shell.
 
-``status`` only reads: it pages through the namespace with plain Range calls, so
-it takes no lease and starts no watch (an operator's look must not add a
-session to a loaded cluster). ``clear`` writes, through the store itself.
+``status`` only reads. On etcd it pages through the namespace with plain Range
+calls, so it takes no lease and starts no watch (an operator's look must not add
+a session to a loaded cluster), and a record sealed at rest shows without its
+key. On SQLite and Postgres it reads through the store (``customers()`` and
+``read()``): no customer's lock is taken and nothing is written, but sealed
+records need the key ring in ``$SFRTR_KEYS``. ``clear`` writes, through the store.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import time
+
+import orjson
 
 from sfrtr.cli import CommandFailed
-from sfrtr.cli.admin import CustomerStatus, clear, status_rows
+from sfrtr.cli.admin import CustomerStatus, clear, list_status, status_rows
+from sfrtr.cli.stores import KEYS_ENV, backend, env_sealer, etcd_settings, open_store, where
 from sfrtr.errors import RefusedToClear, SfrtrError
 from sfrtr.records import Status
 
-if TYPE_CHECKING:
-    from sfrtr.store.etcd_client import EtcdSettings
 
-KEYS_ENV = "SFRTR_KEYS"
-"""Where ``clear`` finds the key ring of a namespace sealed at rest (the workers'
-default too: :data:`sfrtr.store.sealing.ENV_VAR`)."""
-
-
-def operate(args: argparse.Namespace, *, password: str | None) -> int:
+def operate(args: argparse.Namespace) -> int:
     """Run ``status`` or ``clear`` as ``args`` say; returns the exit status."""
-    from sfrtr.store.etcd_client import EtcdSettings
-
-    endpoints: Sequence[str] = args.etcd or _env_endpoints() or ["127.0.0.1:2379"]
-    try:
-        settings = EtcdSettings(endpoints=list(endpoints), username=args.username,
-                                password=password, ca_file=args.ca_file,
-                                cert_file=args.cert_file, key_file=args.key_file)
-    except SfrtrError as exc:  # e.g. a username without $SFRTR_ETCD_PASSWORD
-        raise CommandFailed(f"{exc} (the password comes from $SFRTR_ETCD_PASSWORD)") from None
-    where = f"etcd at {', '.join(endpoints)} (namespace {args.namespace})"
+    name = backend(args)
+    place = where(args)
     try:
         if args.command == "status":
-            rows = asyncio.run(_status(settings, args.namespace))
-            _print_status(rows, args.namespace)
-            return 0
-        cleared = asyncio.run(_clear(settings, args.namespace, args.customer, args.force))
+            rows = asyncio.run(_status(args, name))
+            return _show(args, rows, place)
+        cleared = asyncio.run(_clear(args))
     except RefusedToClear as exc:
         hint = "; sfrtr clear --force insists" if exc.forceable else ""
         raise CommandFailed(f"refused: {exc.reason}{hint}") from None
     except (SfrtrError, OSError) as exc:
         if type(exc).__name__ == "SealingError":  # the records are sealed at rest
-            raise CommandFailed(f"{where}: {exc} (sfrtr clear reads the workers' key ring "
-                                f"from ${KEYS_ENV}: id:base64-key[,...])") from exc
-        raise CommandFailed(f"{where}: {exc}; check --etcd, TLS and credentials") from exc
+            raise CommandFailed(f"{place}: {exc} (sfrtr {args.command} reads the workers' key "
+                                f"ring from ${KEYS_ENV}: id:base64-key[,...])") from exc
+        check = "check --etcd, TLS and credentials" if name == "etcd" else f"check --{name}"
+        raise CommandFailed(f"{place}: {exc}; {check}") from exc
     print(f"{args.customer}: " + ("nothing stored" if cleared is None
                                   else f"cleared ({cleared.value})"))
     return 0
 
 
-def _env_endpoints() -> list[str]:
-    from sfrtr.cli import ETCD_ENV
-    from sfrtr.cli.parsing import endpoint
+async def _status(args: argparse.Namespace, name: str) -> list[CustomerStatus]:
+    only = [args.customer] if args.customer is not None else None
+    if name == "etcd":
+        from sfrtr.store.etcd_client import EtcdClient
 
-    raw = [e.strip() for e in os.environ.get(ETCD_ENV + "ENDPOINTS", "").split(",")]
+        client = EtcdClient(etcd_settings(args))
+        try:
+            return await status_rows(client, args.namespace, customer=args.customer)
+        finally:
+            await client.close()
+    store = open_store(args, env_sealer())
     try:
-        return [endpoint(e) for e in raw if e]
-    except argparse.ArgumentTypeError as exc:
-        raise CommandFailed(f"${ETCD_ENV}ENDPOINTS: {exc}") from None
-
-
-async def _status(settings: EtcdSettings, namespace: str) -> list[CustomerStatus]:
-    from sfrtr.store.etcd_client import EtcdClient
-
-    client = EtcdClient(settings)
-    try:
-        return await status_rows(client, namespace)
-    finally:
-        await client.close()
-
-
-async def _clear(settings: EtcdSettings, namespace: str, customer: str,
-                 force: bool) -> Status | None:
-    from sfrtr.store.etcd import EtcdStore
-
-    sealer = None
-    if os.environ.get(KEYS_ENV):  # the workers seal records at rest: open them as they do
-        from sfrtr.store.sealing import KeyRing, Sealer
-
-        sealer = Sealer(KeyRing.from_env(KEYS_ENV))
-    store = EtcdStore(settings, namespace=namespace, sealer=sealer)
-    try:
-        return await clear(store, customer, force=force)
+        return await list_status(store, only)
     finally:
         await store.aclose()
 
 
-def _print_status(rows: list[CustomerStatus], namespace: str) -> None:
-    print(f"{'customer':<32} {'status':<16} {'gen':>5} {'locked':<6} {'refresh':<12} reason")
+async def _clear(args: argparse.Namespace) -> Status | None:
+    store = open_store(args, env_sealer())
+    try:
+        return await clear(store, args.customer, force=args.force)
+    finally:
+        await store.aclose()
+
+
+def _show(args: argparse.Namespace, rows: list[CustomerStatus], place: str) -> int:
+    now = time.time()
+    if args.json:
+        document = [row.as_json(now) for row in rows]
+        sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif args.customer is not None:
+        if rows:
+            _print_one(rows[0], now)
+    else:
+        _print_table(rows, now, place)
+    if args.customer is not None and not rows:
+        raise CommandFailed(f"{place}: no record for customer {args.customer!r}")
+    return 0
+
+
+def _print_table(rows: list[CustomerStatus], now: float, place: str) -> None:
+    print(f"{'customer':<24} {'status':<16} {'gen':>5} {'locked':<6} "
+          f"{'last refresh (UTC)':<20} {'idle d':>6} {'refresh':<12} reason")
     for row in rows:
         reason = row.reason + (" (rescued tokens wait)" if row.rescued else "")
-        print(f"{row.customer:<32} {row.status.value:<16} {row.generation:>5} "
-              f"{'yes' if row.locked else 'no':<6} {row.refresh_fingerprint:<12} {reason}")
-    print(f"{len(rows)} customer(s) under namespace {namespace}", file=sys.stdout)
+        print(f"{row.customer:<24} {row.status.value:<16} {row.generation:>5} "
+              f"{'yes' if row.locked else 'no':<6} {row.last_refresh():<20} "
+              f"{row.idle_days(now):>6.1f} {row.refresh_fingerprint:<12} {reason}".rstrip())
+    print(f"{len(rows)} customer(s) in {place}")
+
+
+def _print_one(row: CustomerStatus, now: float) -> None:
+    fields = [("customer", row.customer), ("status", row.status.value),
+              ("reason", row.reason or "-"), ("generation", str(row.generation)),
+              ("last refresh", f"{row.last_refresh()} (UTC)"),
+              ("idle days", f"{row.idle_days(now):.1f}"),
+              ("intent", "present" if row.intent else "none"),
+              ("lock", "held" if row.locked else "free"),
+              ("rescues", str(row.rescues) if row.rescues or not row.rescued else "yes"),
+              ("refresh token", f"fingerprint {row.refresh_fingerprint}")]
+    for label, value in fields:
+        print(f"{label + ':':<15}{value}")
