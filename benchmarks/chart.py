@@ -60,3 +60,33 @@ def storm_wait_chart(distributions: dict[str, list[float]], coroutines: int,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def scale_chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Start-up time and resident memory of an etcd worker against the customers in
+    its namespace, per mirror (``benchmarks.scale`` rows; ``None`` without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (start, memory) = plt.subplots(1, 2, figsize=(9, 3.8))
+    for mirror in dict.fromkeys(r["mirror"] for r in rows):
+        mine = [r for r in rows if r["mirror"] == mirror]
+        sizes = [r["customers"] for r in mine]
+        start.plot(sizes, [r["start_to_first_token_s"] for r in mine], marker="o", label=mirror)
+        memory.plot(sizes, [r["rss_serving_MiB"] for r in mine], marker="o", label=mirror)
+    start.set_ylabel("start to first token, s")
+    memory.set_ylabel("resident memory once serving, MiB")
+    for ax in (start, memory):
+        ax.set_xscale("log")
+        ax.set_xlabel("customers in the etcd namespace")
+        ax.grid(alpha=0.3)
+        ax.legend(title="mirror", fontsize=8)
+    fig.suptitle("A fresh worker on a big namespace (real etcd)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from benchmarks import report
+from benchmarks import chart, report
 
 _CHILD = r"""
 import asyncio, os, sys, time, orjson
@@ -108,6 +108,8 @@ def main() -> None:
     rows = run(sizes, args.serve)
     print(report.table("A fresh worker on a big namespace (real etcd)", rows))
     report.write("scale", {"sizes": sizes, "serve": args.serve}, rows)
+    png = chart.scale_chart(rows, report.RESULTS / "scale.png")
+    print(f"chart: {png}" if png else "chart skipped: pip install 'sfrtr[plot]'")
 
 
 if __name__ == "__main__":
