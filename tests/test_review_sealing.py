@@ -529,3 +529,35 @@ async def _terminate(dsn: str, pid: int) -> None:
         assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
     finally:
         await conn.close()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "rekey() visits store.customers(), customers with a record; a rescue saved after its "
+    "customer was disconnected (a refresh in flight during the disconnect: its commit is "
+    "fenced out, its tokens go to a rescue) has no record, is never re-sealed, and stays "
+    "under the old key after 'busy == []': the runbook's step 5 then leaves ciphertext "
+    "under a retired (maybe stolen) key, which no worker can open any more. Fix: "
+    "sfrtr/store/sealing.py rekey(): also walk customers that have rescues only (a store "
+    "method listing them), re-sealing or dropping those entries."))
+async def test_rekey_reseals_a_rescue_whose_customer_was_disconnected(tmp_path: Path):
+    from tests.raw_store import sqlite_bytes
+
+    path = tmp_path / "tokens.db"
+    old = SqliteStore(path, sealer=Sealer(ring("k1")))
+    await old.put("kept", RECORD)
+    await old.put("gone", RECORD)
+    held = await old.read("gone")
+    assert held is not None
+    locked = await old.acquire("gone", held.version, _intent("in-flight"))
+    assert locked is not None
+    assert await old.delete("gone")  # the customer disconnects meanwhile
+    assert await old.commit("gone", locked.version, ROTATED) is None  # fenced out
+    await old.save_rescue("gone", locked.version, ROTATED)
+    await old.aclose()
+    rotated = SqliteStore(path, sealer=Sealer(ring("k1", "k2")))
+    try:
+        report = await rekey(rotated)
+        assert (report.resealed, report.busy) == (1, [])
+        assert b"v1.k1." not in sqlite_bytes(str(path))
+    finally:
+        await rotated.aclose()
