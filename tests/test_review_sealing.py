@@ -561,3 +561,25 @@ async def test_rekey_reseals_a_rescue_whose_customer_was_disconnected(tmp_path: 
         assert b"v1.k1." not in sqlite_bytes(str(path))
     finally:
         await rotated.aclose()
+
+
+@pytest.mark.xfail(strict=True, raises=SealingError, reason=(
+    "TokenManager.disconnect(revoke=False) reads the record before deleting it, even though "
+    "it needs nothing from it: a customer whose record no longer opens (its key lost, or "
+    "sealed by a worker with another ring) can be neither disconnected nor cleaned up "
+    "through the manager; the app's POST /disconnect fails with a StoreError. Fix: "
+    "sfrtr/manager.py disconnect(): read only when revoke is true, and on SealingError "
+    "delete anyway (the token cannot be revoked, say so in the log)."))
+async def test_a_record_that_does_not_open_can_still_be_disconnected(tmp_path: Path,
+                                                                      emulator: Emulator):
+    path = tmp_path / "tokens.db"
+    elsewhere = SqliteStore(path, sealer=Sealer(ring("k9")))
+    await elsewhere.put("acme", RECORD)
+    await elsewhere.aclose()
+    manager = TokenManager(emulator_oauth(emulator), SqliteStore(path, sealer=Sealer(ring("k1"))),
+                           RefreshPolicy(lease_margin=0.5, busy_backoff=0.05))
+    try:
+        await manager.disconnect("acme", revoke=False)
+        assert await manager.store.customers() == []
+    finally:
+        await manager.aclose()
