@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from sfrtr.errors import ConfigurationError, SfrtrError
+from sfrtr.errors import ConfigurationError, SfrtrError, StoreError
 from sfrtr.manager import TokenManager
 from sfrtr.records import Status
 from sfrtr.store.base import OnceStore
@@ -90,7 +90,15 @@ class IdleKeeper:
         report = KeeperReport(claimed=True)
         paced = False
         for customer in await store.customers():
-            state = await store.read(customer)
+            try:
+                state = await store.read(customer)
+            except StoreError as exc:
+                # One record this worker cannot read (a key it lacks, a store hiccup)
+                # must not cost every customer after it this period's pass.
+                report.failed[customer] = type(exc).__name__
+                log.warning("keeper: reading customer %s failed: %s", customer,
+                            type(exc).__name__)
+                continue
             if state is None:
                 continue
             report.checked += 1

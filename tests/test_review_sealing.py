@@ -139,13 +139,7 @@ async def test_a_fenced_out_commit_keeps_its_tokens_when_the_newer_record_does_n
 # -- the keeper -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=SealingError, reason=(
-    "IdleKeeper.run_once() reads every customer with store.read() outside its per-customer "
-    "try: one record that does not open (a lost key, a record sealed elsewhere) or is "
-    "malformed aborts the pass; the period is claimed, so no other worker runs it, and "
-    "every customer after it is never kept alive, period after period, until Salesforce "
-    "expires their idle refresh tokens (a needless re-authorization). Fix: sfrtr/keeper.py "
-    "run_once(): catch StoreError around the read and list the customer in failed."))
+# Found by review; fixed: the keeper lists an unreadable customer in failed and goes on.
 async def test_one_unreadable_record_does_not_stop_the_keepers_pass(tmp_path: Path,
                                                                    emulator: Emulator):
     path = tmp_path / "tokens.db"
