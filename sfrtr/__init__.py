@@ -26,82 +26,121 @@ from sfrtr.errors import (
     StoreError,
     TokenEndpointUnavailable,
 )
-from sfrtr.keeper import IdleKeeper, KeeperReport
-from sfrtr.loop_stall import LoopStallMonitor
-from sfrtr.manager import Credentials, ManagerStats, TokenManager
-from sfrtr.oauth import (
-    InstanceUrlPolicy,
-    Introspection,
-    OAuthClient,
-    OAuthConfig,
-    OutcomeKind,
-    RefreshOutcome,
-    TokenGrant,
-)
-from sfrtr.oauth_state import InvalidState
-from sfrtr.policy import RecoveryMode, RefreshPolicy
-from sfrtr.records import Intent, Status, TokenRecord, Versioned
-from sfrtr.salesforce import (
-    DEFAULT_API_VERSION,
-    BulkJobFailed,
-    Client,
-    ClientCredentials,
-    Collections,
-    InvalidField,
-    InvalidResponse,
-    JwtBearer,
-    LimitInfo,
-    MalformedQuery,
-    NotFound,
-    QueryResult,
-    RecordError,
-    RecordResult,
-    RequestLimitExceeded,
-    Response,
-    RetryPolicy,
-    SalesforceError,
-    ServerTokenSource,
-    ServerUnavailable,
-    SessionExpired,
-    TokenSource,
-    UpsertResult,
-    api_usage,
-    format_soql,
-    like_contains,
-    soql_literal,
-)
-from sfrtr.secret import Secret, fingerprint
-from sfrtr.singleflight import Singleflight
-from sfrtr.store import MemoryStore, OnceStore, SqliteStore, TokenStore
-from sfrtr.store.sealing import KeyRing, RekeyReport, Sealer, SealingError, rekey
 
 if TYPE_CHECKING:
+    from sfrtr.keeper import IdleKeeper, KeeperReport
+    from sfrtr.loop_stall import LoopStallMonitor
+    from sfrtr.manager import Credentials, ManagerStats, TokenManager
+    from sfrtr.oauth import (
+        InstanceUrlPolicy,
+        Introspection,
+        OAuthClient,
+        OAuthConfig,
+        OutcomeKind,
+        RefreshOutcome,
+        TokenGrant,
+    )
+    from sfrtr.oauth_state import InvalidState
+    from sfrtr.policy import RecoveryMode, RefreshPolicy
+    from sfrtr.records import Intent, Status, TokenRecord, Versioned
+    from sfrtr.salesforce import (
+        DEFAULT_API_VERSION,
+        BulkJobFailed,
+        Client,
+        ClientCredentials,
+        Collections,
+        InvalidField,
+        InvalidResponse,
+        JwtBearer,
+        LimitInfo,
+        MalformedQuery,
+        NotFound,
+        QueryResult,
+        RecordError,
+        RecordResult,
+        RequestLimitExceeded,
+        Response,
+        RetryPolicy,
+        SalesforceError,
+        ServerTokenSource,
+        ServerUnavailable,
+        SessionExpired,
+        TokenSource,
+        UpsertResult,
+        api_usage,
+        format_soql,
+        like_contains,
+        soql_literal,
+    )
+    from sfrtr.secret import Secret, fingerprint
+    from sfrtr.singleflight import Singleflight
+    from sfrtr.store import MemoryStore, OnceStore, SqliteStore, TokenStore
     from sfrtr.store.etcd import EtcdStore
     from sfrtr.store.etcd_client import EtcdSettings
     from sfrtr.store.postgres import PostgresStore
+    from sfrtr.store.sealing import KeyRing, RekeyReport, Sealer, SealingError, rekey
 
 __version__ = "0.1.0"
 
-_LAZY = {"EtcdStore": "sfrtr.store.etcd", "EtcdSettings": "sfrtr.store.etcd_client",
-         "PostgresStore": "sfrtr.store.postgres"}
+# Every public name but the errors is imported on first use (PEP 562): most of them
+# pull in aiohttp (a quarter of a second of start-up), which ``import sfrtr``, ``sfrtr
+# --version`` or an error handler never need. ``from sfrtr import X`` and ``sfrtr.X``
+# work as before; type checkers read the imports above.
+_MODULES: dict[str, tuple[str, ...]] = {
+    "sfrtr.keeper": ("IdleKeeper", "KeeperReport"),
+    "sfrtr.loop_stall": ("LoopStallMonitor",),
+    "sfrtr.manager": ("Credentials", "ManagerStats", "TokenManager"),
+    "sfrtr.oauth": (
+        "InstanceUrlPolicy", "Introspection", "OAuthClient", "OAuthConfig", "OutcomeKind",
+        "RefreshOutcome", "TokenGrant",
+    ),
+    "sfrtr.oauth_state": ("InvalidState",),
+    "sfrtr.policy": ("RecoveryMode", "RefreshPolicy"),
+    "sfrtr.records": ("Intent", "Status", "TokenRecord", "Versioned"),
+    "sfrtr.salesforce": (
+        "DEFAULT_API_VERSION", "BulkJobFailed", "Client", "ClientCredentials", "Collections",
+        "InvalidField", "InvalidResponse", "JwtBearer", "LimitInfo", "MalformedQuery", "NotFound",
+        "QueryResult", "RecordError", "RecordResult", "RequestLimitExceeded", "Response",
+        "RetryPolicy", "SalesforceError", "ServerTokenSource", "ServerUnavailable",
+        "SessionExpired", "TokenSource", "UpsertResult", "api_usage", "format_soql",
+        "like_contains", "soql_literal",
+    ),
+    "sfrtr.secret": ("Secret", "fingerprint"),
+    "sfrtr.singleflight": ("Singleflight",),
+    "sfrtr.store": ("MemoryStore", "OnceStore", "SqliteStore", "TokenStore"),
+    "sfrtr.store.sealing": ("KeyRing", "RekeyReport", "Sealer", "SealingError", "rekey"),
+    "sfrtr.store.etcd": ("EtcdStore",),
+    "sfrtr.store.etcd_client": ("EtcdSettings",),
+    "sfrtr.store.postgres": ("PostgresStore",),
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 _EXTRA = {"EtcdStore": "etcd", "EtcdSettings": "etcd", "PostgresStore": "postgres"}
 
 
 def __getattr__(name: str) -> Any:
-    # The etcd store needs the ``etcd`` extra (aetcd, grpcio), the Postgres store the
-    # ``postgres`` extra (asyncpg); import them only when asked for, so ``import sfrtr``
-    # works without them.
-    if name in _LAZY:
-        import importlib
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'sfrtr' has no attribute {name!r}")
+    import importlib
 
-        try:
-            module = importlib.import_module(_LAZY[name])
-        except ModuleNotFoundError as exc:
-            if (exc.name or "").partition(".")[0] == "sfrtr":
-                raise
-            raise MissingExtra(f"sfrtr.{name}", _EXTRA[name], exc.name) from exc
-        return getattr(module, name)
-    raise AttributeError(f"module 'sfrtr' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # The etcd store needs the ``etcd`` extra (aetcd, grpcio), the Postgres store
+        # the ``postgres`` extra (asyncpg): name the extra, not the missing module.
+        if name not in _EXTRA or (exc.name or "").partition(".")[0] == "sfrtr":
+            raise
+        raise MissingExtra(f"sfrtr.{name}", _EXTRA[name], exc.name) from exc
+    value = getattr(module, name)
+    if name not in _EXTRA:
+        # Later lookups are plain attribute reads. Not for the extras' names: an extra
+        # uninstalled later (tests do that) must be named again, as before.
+        globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [

@@ -12,7 +12,6 @@ Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 import logging
 import sys
@@ -48,8 +47,12 @@ def _verbose_flag(parser: argparse.ArgumentParser) -> None:
                         help="log debug messages, and show the traceback of a failure")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``sfrtr`` argument parser (every subcommand, with its help and defaults)."""
+def build_parser(for_command: str | None = None) -> argparse.ArgumentParser:
+    """The ``sfrtr`` argument parser (every subcommand, with its help and defaults).
+
+    ``for_command``: the subcommand about to be parsed, when known; the emulator's options
+    (which import the emulator, and aiohttp with it) are then added only for
+    ``emulator``, so that ``sfrtr --version`` or ``sfrtr status`` start fast."""
     from sfrtr import __version__
     from sfrtr.cli.stores import ENV_HELP, add_store_options
 
@@ -71,12 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         "built-in emulator expires every session every --expire-every seconds. With\n"
         "sfrtr each expiry costs one refresh per customer and nobody is locked out;\n"
         "--naive shows what uncoordinated workers do to the same customers."))
-    _emulator_options(command(
+    emulator = command(
         "emulator", "serve the Salesforce emulator on a loopback port",
         "Serve the Salesforce emulator (token endpoint, REST API) until Ctrl-C. With\n"
         "--customers N it creates N customers with one grant each and prints the\n"
         "client id and secret, and each grant's refresh token (the emulator's own test\n"
-        "data, not a real credential)."))
+        "data, not a real credential).")
+    if for_command in (None, "emulator"):
+        _emulator_options(emulator)
     status = command(
         "status", "list customers and the status of their grants (never token values)",
         "List every customer of a store with its grant status, generation, lock state,\n"
@@ -175,7 +180,11 @@ def _keeper_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``sfrtr`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # The first word that is not an option names the subcommand (no top-level option
+    # takes a value).
+    first = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(first).parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
     prog = f"sfrtr {args.command}"
@@ -251,6 +260,8 @@ def _migrate(args: argparse.Namespace) -> int:
         print(migration_script(names), end="")
         return 0
     require_extra("postgres", "the Postgres store")
+    import asyncio
+
     from sfrtr.store.postgres import migrate, redact_dsn
 
     where = redact_dsn(args.postgres)

@@ -8,21 +8,16 @@ the connected app's client id and secret are needed; the secret is read from
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
-import ipaddress
-import logging
 import math
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
-
-import orjson
 
 from sfrtr.cli import CommandFailed
 from sfrtr.cli.stores import env_sealer, open_store, where
+
+# Imported by every ``sfrtr`` run for the options: asyncio, the keeper and the OAuth
+# client come in only when the keeper runs.
 
 if TYPE_CHECKING:
     from sfrtr.keeper import KeeperReport
@@ -83,6 +78,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def oauth_config(args: argparse.Namespace) -> OAuthConfig:
     """The connected app from the options and ``$SFRTR_CLIENT_SECRET``; one line when
     something is missing or the login URL is not one sfrtr sends tokens to."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
     from sfrtr.oauth import InstanceUrlPolicy, OAuthConfig
     from sfrtr.secret import Secret
 
@@ -109,6 +107,8 @@ def oauth_config(args: argparse.Namespace) -> OAuthConfig:
 
 def run_keeper(args: argparse.Namespace) -> int:
     """Run ``sfrtr keeper`` as ``args`` say; returns the exit status."""
+    import asyncio
+
     if args.json and not args.once:
         raise CommandFailed("--json is for --once (a running keeper logs each pass)")
     config = oauth_config(args)
@@ -121,6 +121,10 @@ def run_keeper(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, config: OAuthConfig, place: str) -> int:
+    import asyncio
+    import logging
+    import signal
+
     from sfrtr.errors import SfrtrError
     from sfrtr.keeper import IdleKeeper
     from sfrtr.manager import TokenManager
@@ -153,6 +157,10 @@ async def _run(args: argparse.Namespace, config: OAuthConfig, place: str) -> int
 
 
 def _print_report(report: KeeperReport, as_json: bool, place: str) -> None:
+    import dataclasses
+
+    import orjson
+
     if as_json:
         sys.stdout.write(orjson.dumps(dataclasses.asdict(report),
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
