@@ -101,7 +101,7 @@ def _print_table(rows: list[CustomerStatus], now: float, place: str) -> None:
 def _print_one(row: CustomerStatus, now: float) -> None:
     fields = [("customer", row.customer), ("status", row.status.value),
               ("reason", row.reason or "-"), ("generation", str(row.generation)),
-              ("last refresh", f"{row.last_refresh()} (UTC)"),
+              ("last refresh", row.last_refresh()),
               ("idle days", f"{row.idle_days(now):.1f}"),
               ("intent", "present" if row.intent else "none"),
               ("lock", "held" if row.locked else "free"),
