@@ -162,3 +162,27 @@ async def test_two_stores_at_once_is_one_line(tmp_path: Path):
     code, out, err = await run_cli("status", "--sqlite", "x.db", "--etcd", "127.0.0.1:2379")
     assert (code, out) == (2, "")
     assert err == "sfrtr status: error: give one store: --sqlite or --etcd, not both\n"
+
+
+async def test_status_on_sqlite_opens_sealed_records_with_the_key_ring(tmp_path: Path,
+                                                                       monkeypatch):
+    import base64
+
+    from sfrtr import KeyRing, Sealer
+
+    path = tmp_path / "tokens.db"
+    async with SqliteStore(path, sealer=Sealer(KeyRing([("k1", b"k" * 32)]))) as store:
+        await store.put("acme", LIVE)
+    monkeypatch.delenv("SFRTR_KEYS", raising=False)  # run_cli passes os.environ on
+    code, out, err = await run_cli("status", "--sqlite", str(path))
+    assert (code, out) == (2, "")
+    assert err.startswith(f"sfrtr status: error: SQLite at {path}: the record of customer "
+                          "'acme' is sealed (key 'k1')")
+    assert err.endswith("(sfrtr status reads the workers' key ring from $SFRTR_KEYS: "
+                        "id:base64-key[,...])\n")
+    code, out, err = await run_cli("status", "--json", "--sqlite", str(path), env={
+        "SFRTR_KEYS": "k1:" + base64.b64encode(b"k" * 32).decode()})
+    assert (code, err) == (0, "")
+    [row] = orjson.loads(out)
+    assert (row["customer"], row["refresh_fingerprint"]) == (
+        "acme", LIVE.refresh_token.fingerprint)

@@ -99,3 +99,27 @@ async def test_rekey_reseals_every_record_with_the_new_key(backend):
     await opens_with(make, ("k2", NEW))
     with pytest.raises(SealingError, match="sealed with key 'k2'"):
         await opens_with(make, ("k1", OLD))
+
+
+async def test_a_record_held_by_a_refresh_is_reported_busy(tmp_path: Path):
+    from sfrtr import Intent
+
+    path = tmp_path / "tokens.db"
+    async with SqliteStore(path, sealer=Sealer(KeyRing([("k1", OLD)]))) as store:
+        for n, customer in enumerate(CUSTOMERS, 1):
+            await store.put(customer, record(n))
+        held = await store.read("acme")
+        assert held is not None
+        # A refresh in flight in this live process holds acme throughout.
+        assert await store.acquire("acme", held.version, Intent("w", "fp", 1.0)) is not None
+        code, out, err = await rekey_cli(["--sqlite", str(path), "--busy-wait", "0.1"],
+                                         ring_text(("k1", OLD), ("k2", NEW)))
+        assert (code, err) == (1, "")
+        assert out == (f"SQLite at {path}: resealed 1 record(s) and 0 rescue entries with key "
+                       "'k2'; busy (held by a refresh, run again): acme\n")
+    async with SqliteStore(path, sealer=Sealer(KeyRing([("k2", NEW)]))) as store:
+        state = await store.read("globex/eu")
+        assert state is not None
+        assert state.record.refresh_token.reveal() == "rt-2"
+        with pytest.raises(SealingError, match="sealed with key 'k1'"):
+            await store.read("acme")  # left as it was, for the next run

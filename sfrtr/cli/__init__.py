@@ -127,6 +127,9 @@ def build_parser(for_command: str | None = None) -> argparse.ArgumentParser:
         "refresh held throughout are reported busy (exit status 1): run it again.\n\n"
         + ENV_HELP)
     add_store_options(rekey)
+    rekey.add_argument("--busy-wait", type=parsing.seconds, default=2.0,
+                       help="seconds to wait for a record a refresh holds, five times, "
+                            "before reporting it busy")
     migrate = command(
         "migrate", "create or upgrade the Postgres store's tables",
         "Create or upgrade the Postgres store's schema, for teams that apply DDL\n"

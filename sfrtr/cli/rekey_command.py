@@ -22,7 +22,7 @@ def run_rekey(args: argparse.Namespace) -> int:
     async def run() -> RekeyReport:
         store = open_store(args, sealer)
         try:
-            return await rekey(store)
+            return await rekey(store, busy_wait=args.busy_wait)
         finally:
             await store.aclose()
 
