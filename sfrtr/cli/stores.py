@@ -12,16 +12,12 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sfrtr.cli import parsing
+from sfrtr.cli import ETCD_ENV, parsing
 
 if TYPE_CHECKING:
     from sfrtr.store.base import TokenStore
     from sfrtr.store.etcd_client import EtcdSettings
     from sfrtr.store.sealing import Sealer
-
-ETCD_ENV = "SFRTR_ETCD_"
-"""Prefix of the environment variables the etcd connection comes from
-(``SFRTR_ETCD_ENDPOINTS``, ``SFRTR_ETCD_PASSWORD``...)."""
 
 KEYS_ENV = "SFRTR_KEYS"
 """Where the key ring of records sealed at rest comes from (the workers' default
