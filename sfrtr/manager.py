@@ -56,6 +56,7 @@ from sfrtr.errors import (
     StoreError,
     TokenEndpointUnavailable,
 )
+from sfrtr.hooks import Hooks
 from sfrtr.oauth.client import LEASE_TOO_SHORT, REDIRECT_REFUSED, OAuthClient
 from sfrtr.oauth.grant import TokenGrant
 from sfrtr.oauth.outcome import OutcomeKind, RefreshOutcome
@@ -66,6 +67,7 @@ from sfrtr.secret import fingerprint
 from sfrtr.singleflight import Singleflight
 from sfrtr.store.base import TokenStore
 from sfrtr.store.memory import MemoryStore
+from sfrtr.store.sealing import SealingError
 
 T = TypeVar("T")
 log = logging.getLogger("sfrtr.manager")
@@ -214,12 +216,15 @@ class TokenManager:
     """
 
     def __init__(self, oauth: OAuthClient, store: TokenStore | None = None,
-                 policy: RefreshPolicy | None = None, *, worker_id: str | None = None) -> None:
+                 policy: RefreshPolicy | None = None, *, worker_id: str | None = None,
+                 hooks: Hooks | None = None) -> None:
         """A manager over ``oauth`` (the token endpoint) and ``store`` (shared records).
 
         ``store`` defaults to a :class:`~sfrtr.MemoryStore` (one process only);
         ``policy`` to :class:`~sfrtr.RefreshPolicy`'s defaults; ``worker_id``
-        (written into intents, shown in logs) to host:pid:random. Raises
+        (written into intents, shown in logs) to host:pid:random. ``hooks``: the
+        application's callbacks on a grant's transitions (:class:`~sfrtr.hooks.Hooks`),
+        called by the one worker that made each transition. Raises
         :class:`~sfrtr.ConfigurationError` when the store's lease is too short
         for the token requests the policy allows.
         """
@@ -227,6 +232,7 @@ class TokenManager:
         self.store: TokenStore = store if store is not None else MemoryStore()
         self.policy = policy or RefreshPolicy()
         self.worker_id = worker_id or default_worker_id()
+        self.hooks = hooks or Hooks()
         self._check_timing()
         self.stats = ManagerStats()
         self._cache: dict[str, _Entry] = {}
@@ -448,9 +454,16 @@ class TokenManager:
 
     async def disconnect(self, customer: str, *, revoke: bool = True) -> None:
         """Forget a customer's grant; revoke it at the provider first if asked."""
-        current = await self.store.read(customer)
-        if revoke and current is not None and current.record.status is not \
-                Status.REAUTH_REQUIRED:
+        # Read only to revoke: a record this worker cannot open (sealed under a key it
+        # lacks) can still be deleted, unrevoked.
+        current = None
+        if revoke:
+            try:
+                current = await self.store.read(customer)
+            except SealingError:
+                log.warning("customer %s: the record does not open with this worker's keys; "
+                            "deleting it without revoking the grant", customer)
+        if current is not None and current.record.status is not Status.REAUTH_REQUIRED:
             try:
                 await self.oauth.revoke(current.record.refresh_token)
             except OAuthError as exc:
@@ -498,6 +511,7 @@ class TokenManager:
                 log.error("customer %s: rotated tokens could not be stored before close; "
                           "they are lost (refresh %s)", customer,
                           section.result.refresh_token.fingerprint)
+        await self.hooks.drain()
         await self.store.aclose()
         await self.oauth.aclose()
 
@@ -868,6 +882,7 @@ class TokenManager:
             return None
         if record.status is not Status.VALID:
             return None
+        self.hooks.refreshed(customer, record.generation)
         entry = self._cache_put(customer, record, committed.version)
         if self.policy.learn_expiry:
             await self._learn_expiry(customer, record, committed.version)
@@ -876,7 +891,15 @@ class TokenManager:
     async def _is_stored(self, customer: str, record: TokenRecord) -> bool:
         """Whether ``record``'s tokens are what the store holds (a retried commit
         whose first attempt landed although its answer was lost)."""
-        current = await self.store.read(customer)
+        try:
+            current = await self.store.read(customer)
+        except StoreError as exc:
+            # Unknown is not stored: a record this worker cannot read (sealed under a
+            # key it lacks, say) must not stand between fenced-out tokens and their
+            # rescue. A rescue of tokens that did land is dropped as not newer.
+            log.warning("customer %s: cannot read the record after a fenced-out commit "
+                        "(%s); keeping the tokens as a rescue", customer, type(exc).__name__)
+            return False
         return current is not None and current.record.refresh_token == record.refresh_token \
             and current.record.access_token == record.access_token
 
@@ -919,6 +942,7 @@ class TokenManager:
                          error: type[ReauthorizationRequired]) -> _Entry:
         await self._commit(customer, section, protocol.dead_record(section.held, reason))
         self.stats.reauth_marked += 1
+        self.hooks.reauth_required(customer, reason)
         self._uncache(customer)
         log.warning("customer %s must re-authorize: %s", customer, reason)
         raise error(customer, reason)
@@ -943,6 +967,11 @@ class TokenManager:
         record = protocol.indeterminate_record(
             section.held.replace(intent=section.intent), reason)
         await self._commit(customer, section, record)
+        if section.prior.status is Status.VALID:
+            # This worker's own redemption went unanswered: the risk starts here. (A
+            # recovery that cannot settle yet, whose acquire replaced an orphan or an
+            # indeterminate record, re-records a risk already reported.)
+            self.hooks.lockout_risk(customer, reason)
         # Settle it even if no caller comes back for it (every cache may still hold a
         # fresh access token): a background flight once the grace has passed.
         self._settle_later(customer, self._grace(orphan=False, intent=section.intent) + 1.0)
@@ -952,6 +981,12 @@ class TokenManager:
         """We hold the lock over an orphaned intent or an indeterminate outcome, and
         no request presented under it can still be in flight."""
         self.stats.recoveries += 1
+        if orphan.status is Status.REFRESHING:
+            # A holder vanished mid-refresh and told nobody: this worker is the first
+            # to know. (An indeterminate record was reported by the worker that wrote it.)
+            self.hooks.lockout_risk(customer, "a refresh by worker "
+                                    f"{orphan.intent.worker if orphan.intent else 'unknown'} "
+                                    "was interrupted; recovering it")
         adopted = await self._take_rescue(customer, section, orphan)
         if adopted is not None:
             return adopted
@@ -1031,6 +1066,7 @@ class TokenManager:
             self.stats.rescues_adopted += 1
             log.warning("customer %s: adopted rescued tokens (fence %d)", customer, rescue_fence)
             if record.status is Status.VALID:
+                self.hooks.refreshed(customer, record.generation)
                 entry = self._cache_put(customer, record, committed.version)
         for fence, old in rescues:
             if old.grant_id != stored.grant_id or old.generation <= newest:
@@ -1071,6 +1107,10 @@ class TokenManager:
         if committed is None:
             return  # the record moved on: plan again
         self.stats.reclaimed += 1
+        if target.status is Status.REAUTH_REQUIRED:
+            self.hooks.reauth_required(customer, target.reason)
+        elif target.status is Status.INDETERMINATE:
+            self.hooks.lockout_risk(customer, target.reason)
         if section is not None and section.intent.id == mine:
             self._finished(customer, section)
         if unsent is not None:

@@ -444,8 +444,7 @@ _MIXED_FLEET_REASON = _FENCED_OUT_REASON + (
 @pytest.mark.parametrize(("kind", "a_sealed"), [
     pytest.param("etcd", False, marks=pytest.mark.xfail(
         strict=True, raises=AssertionError, reason=_MIXED_FLEET_REASON)),
-    pytest.param("postgres", False, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason=_MIXED_FLEET_REASON)),
+    ("postgres", False),  # fixed in the manager: a failed read no longer blocks the rescue
     # The same fault in a fleet that seals alike: the rescue keeps the grant alive.
     ("etcd", True),
     ("postgres", True),
@@ -557,13 +556,7 @@ async def test_rekey_reseals_a_rescue_whose_customer_was_disconnected(tmp_path: 
         await rotated.aclose()
 
 
-@pytest.mark.xfail(strict=True, raises=SealingError, reason=(
-    "TokenManager.disconnect(revoke=False) reads the record before deleting it, even though "
-    "it needs nothing from it: a customer whose record no longer opens (its key lost, or "
-    "sealed by a worker with another ring) can be neither disconnected nor cleaned up "
-    "through the manager; the app's POST /disconnect fails with a StoreError. Fix: "
-    "sfrtr/manager.py disconnect(): read only when revoke is true, and on SealingError "
-    "delete anyway (the token cannot be revoked, say so in the log)."))
+# Found by review; fixed: disconnect reads only to revoke, and deletes what does not open.
 async def test_a_record_that_does_not_open_can_still_be_disconnected(tmp_path: Path,
                                                                       emulator: Emulator):
     path = tmp_path / "tokens.db"
