@@ -35,7 +35,7 @@ import secrets
 import socket
 import time
 from asyncio.events import _get_running_loop
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, TypeVar
@@ -217,18 +217,30 @@ class TokenManager:
 
     def __init__(self, oauth: OAuthClient, store: TokenStore | None = None,
                  policy: RefreshPolicy | None = None, *, worker_id: str | None = None,
-                 hooks: Hooks | None = None) -> None:
+                 hooks: Hooks | None = None, apps: Iterable[OAuthClient] = ()) -> None:
         """A manager over ``oauth`` (the token endpoint) and ``store`` (shared records).
 
         ``store`` defaults to a :class:`~sfrtr.MemoryStore` (one process only);
         ``policy`` to :class:`~sfrtr.RefreshPolicy`'s defaults; ``worker_id``
         (written into intents, shown in logs) to host:pid:random. ``hooks``: the
         application's callbacks on a grant's transitions (:class:`~sfrtr.hooks.Hooks`),
-        called by the one worker that made each transition. Raises
+        called by the one worker that made each transition. ``apps``: more connected
+        apps (an OAuth client each) whose grants this manager serves beside
+        ``oauth``'s, e.g. during a move from one app to another; a grant's
+        refreshes, introspection and revocation go to the app and login host that
+        issued it (see :meth:`OAuthClient.for_host` for sandboxes and My Domains).
+        The manager closes them all in :meth:`aclose`. Raises
         :class:`~sfrtr.ConfigurationError` when the store's lease is too short
         for the token requests the policy allows.
         """
         self.oauth = oauth
+        self.apps: dict[str, OAuthClient] = {oauth.config.client_id: oauth}
+        for app in apps:
+            if app.config.client_id in self.apps:
+                raise ConfigurationError("two OAuth clients for one connected app: give "
+                                         "each app once (hosts come from its grants)")
+            self.apps[app.config.client_id] = app
+        self._hosts: dict[tuple[str, str], OAuthClient] = {}
         self.store: TokenStore = store if store is not None else MemoryStore()
         self.policy = policy or RefreshPolicy()
         self.worker_id = worker_id or default_worker_id()
@@ -262,7 +274,7 @@ class TokenManager:
         self.store.subscribe(self._on_store_change)
 
     def _check_timing(self) -> None:
-        exchange = self.oauth.config.exchange_limit
+        exchange = max(app.config.exchange_limit for app in self.apps.values())
         needed = self._request_limit()
         ttl = self.store.lease_ttl
         if ttl and ttl * 2 / 3 <= needed:
@@ -465,7 +477,7 @@ class TokenManager:
                             "deleting it without revoking the grant", customer)
         if current is not None and current.record.status is not Status.REAUTH_REQUIRED:
             try:
-                await self.oauth.revoke(current.record.refresh_token)
+                await self._oauth_for(current.record).revoke(current.record.refresh_token)
             except OAuthError as exc:
                 log.info("revoke for %s refused (%s); deleting anyway", customer, exc.error)
         self._grants[customer] = self._grants.get(customer, 0) + 1
@@ -513,9 +525,27 @@ class TokenManager:
                           section.result.refresh_token.fingerprint)
         await self.hooks.drain()
         await self.store.aclose()
-        await self.oauth.aclose()
+        for app in self.apps.values():
+            await app.aclose()
 
     # -- clocks and cache ----------------------------------------------------
+
+    def _oauth_for(self, record: TokenRecord) -> OAuthClient:
+        """The OAuth client for a grant's own app and login host (records written
+        before grants remembered them: the manager's own)."""
+        app = self.oauth if not record.client_id else self.apps.get(record.client_id)
+        if app is None:
+            raise ConfigurationError(
+                f"this grant belongs to connected app {record.client_id!r}, which this "
+                "manager was not given: TokenManager(..., apps=[OAuthClient(...)])")
+        host = record.token_host
+        if not host or host == app.config.login_url.rstrip("/"):
+            return app
+        key = (app.config.client_id, host)
+        client = self._hosts.get(key)
+        if client is None:
+            client = self._hosts[key] = app.for_host(host)
+        return client
 
     def _provider_now(self) -> float:
         """Now on the provider's clock: expiry never depends on agreeing with it."""
@@ -565,6 +595,8 @@ class TokenManager:
             if prior is not None:  # left running by a flight that was cancelled
                 await asyncio.wait({prior})
             current = await self.store.read(customer)
+            if current is not None:
+                self._oauth_for(current.record)  # an app this manager lacks: say so, lock nothing
             section = self._unfinished.get(customer)
             own = self._pending_intents(customer, current)
             if section is not None:
@@ -717,7 +749,8 @@ class TokenManager:
 
     def _request_limit(self) -> float:
         """The longest a token request of this worker can last, margin included."""
-        return self.oauth.config.exchange_limit + self.policy.lease_margin
+        return max(app.config.exchange_limit for app in self.apps.values()) + \
+            self.policy.lease_margin
 
     def _budget(self, section: _Section, window_end: float | None) -> float | None:
         """Seconds the section can vouch for a request starting now: its own lease's
@@ -820,7 +853,7 @@ class TokenManager:
             # This worker presents the token first: the window cannot open earlier.
             self._presented[customer] = (fp, _monotonic())
         sent = time.time()
-        outcome = await self.oauth.refresh(
+        outcome = await self._oauth_for(held).refresh(
             held.refresh_token, budget=functools.partial(self._budget, section, window_end))
         if outcome.kind is OutcomeKind.NOT_SENT:
             # Put back what the acquire replaced: for a recovery that is the orphan or
@@ -905,7 +938,8 @@ class TokenManager:
 
     async def _learn_expiry(self, customer: str, record: TokenRecord, version: int) -> None:
         try:
-            info = await self.oauth.introspect(record.access_token, hint="access_token")
+            info = await self._oauth_for(record).introspect(record.access_token,
+                                                            hint="access_token")
         except SfrtrError as exc:
             log.info("expiry introspection for %s failed (%s); keeping the estimate",
                      customer, type(exc).__name__)
@@ -927,7 +961,8 @@ class TokenManager:
             # locked": the token is refused *now*, not dead. Only an inactive token
             # justifies a re-authorization; an active one is held back for a while.
             try:
-                info = await self.oauth.introspect(section.held.refresh_token)
+                info = await self._oauth_for(section.held).introspect(
+                    section.held.refresh_token)
             except SfrtrError:
                 info = None
             if info is not None and info.active:
@@ -1013,7 +1048,7 @@ class TokenManager:
         # ask the provider, now that no request presented under the intent can be
         # in flight.
         try:
-            info = await self.oauth.introspect(section.held.refresh_token)
+            info = await self._oauth_for(section.held).introspect(section.held.refresh_token)
         except SfrtrError as exc:
             # Unknown is not inactive: never redeem, never declare it dead.
             await self._leave_indeterminate(customer, section, unknown)

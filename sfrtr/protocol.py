@@ -138,7 +138,8 @@ def grant_record(grant: TokenGrant, *, lifetime: float, refresh_token: Secret | 
         access_token=grant.access_token, refresh_token=token,
         instance_url=grant.instance_url, issued_at=grant.issued_at,
         expires_at=grant.issued_at + lifetime, generation=generation,
-        identity_url=grant.identity_url, scope=grant.scope, grant_id=grant_id)
+        identity_url=grant.identity_url, scope=grant.scope, grant_id=grant_id,
+        token_host=grant.token_host, client_id=grant.client_id)
 
 
 def refreshed_record(held: TokenRecord, grant: TokenGrant, *, lifetime: float) -> TokenRecord:
@@ -146,8 +147,10 @@ def refreshed_record(held: TokenRecord, grant: TokenGrant, *, lifetime: float) -
 
     Without rotation the provider sends no refresh token: the old one lives on.
     """
+    # A refresh answer does not say which host and app issued the grant: they stay.
     return grant_record(grant, lifetime=lifetime, refresh_token=held.refresh_token,
-                        generation=held.generation + 1, grant_id=held.grant_id)
+                        generation=held.generation + 1, grant_id=held.grant_id).replace(
+        token_host=held.token_host, client_id=held.client_id)
 
 
 def suspended_record(held: TokenRecord, refresh_token: Secret, reason: str,

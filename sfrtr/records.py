@@ -83,6 +83,12 @@ class TokenRecord:
     backoff: float = 0.0
     """The length of that backoff, seconds: each worker also holds back this long from
     when it first sees it, on its own monotonic clock (clocks may disagree)."""
+    token_host: str = ""
+    """The login host that issued the grant (a sandbox, a My Domain): its refreshes,
+    introspection and revocation go there. Empty: the manager's own ``login_url``
+    (records written before hosts were recorded)."""
+    client_id: str = ""
+    """The connected app the grant belongs to. Empty: the manager's own app."""
 
     def replace(self, **changes: Any) -> TokenRecord:
         return dataclasses.replace(self, **changes)
@@ -113,6 +119,10 @@ class TokenRecord:
             "refresh_after": self.refresh_after,
             "backoff": self.backoff,
         }
+        if self.token_host:
+            out["token_host"] = self.token_host
+        if self.client_id:
+            out["client_id"] = self.client_id
         if self.intent is not None:
             out["intent"] = dataclasses.asdict(self.intent)
         return out
@@ -136,6 +146,8 @@ class TokenRecord:
                 grant_id=_str(data.get("grant_id", "")),
                 refresh_after=float(data.get("refresh_after", 0.0)),
                 backoff=float(data.get("backoff", 0.0)),
+                token_host=_str(data.get("token_host", "")),
+                client_id=_str(data.get("client_id", "")),
                 intent=None if intent is None else Intent(
                     worker=_str(intent["worker"]),
                     refresh_fingerprint=_str(intent["refresh_fingerprint"]),

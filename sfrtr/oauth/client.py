@@ -9,6 +9,7 @@ an outbound proxy, so refreshes come from an allow-listed static IP
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import base64
 import contextlib
 import logging
@@ -146,6 +147,26 @@ class OAuthClient:
         # means nothing was sent); the whole exchange is bounded in _post.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout)
         self._slots: asyncio.Semaphore | None = None
+
+    def for_host(self, login_url: str) -> OAuthClient:
+        """The same connected app on another login host (a sandbox's
+        ``https://test.salesforce.com``, a customer's My Domain), sharing this
+        client's session. The host must pass the config's instance-URL policy
+        (https on a Salesforce domain by default), so a login host taken from a
+        request can never send the app's credentials elsewhere."""
+        try:
+            origin = self.config.instance_policy.validate(login_url)
+        except InvalidTokenResponse:
+            raise ConfigurationError(
+                f"login host {login_url[:200]!r} is not allowed: use https on a Salesforce "
+                "domain (login, test, or a My Domain)") from None
+        if origin == self.config.login_url.rstrip("/"):
+            return self
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_concurrent)
+        other = OAuthClient(dataclasses.replace(self.config, login_url=origin), self.session)
+        other._slots = self._slots  # one cap on concurrent token requests, all hosts
+        return other
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -337,7 +358,8 @@ class OAuthClient:
         if grant.refresh_token is None:
             raise InvalidTokenResponse(
                 "code exchange returned no refresh_token; add the refresh_token scope")
-        return grant
+        return dataclasses.replace(grant, token_host=self.config.login_url.rstrip("/"),
+                                   client_id=self.config.client_id)
 
     async def revoke(self, token: Secret) -> None:
         """Revoke a token (a refresh token revokes its whole grant).

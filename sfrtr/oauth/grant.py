@@ -26,6 +26,11 @@ class TokenGrant:
     issued_at: float
     """Epoch seconds (Salesforce sends milliseconds as a string)."""
     scope: str
+    token_host: str = ""
+    """The login host that issued the grant (``https://test.salesforce.com`` for a
+    sandbox, a My Domain); its refreshes, introspection and revocation go there."""
+    client_id: str = ""
+    """The connected app the grant belongs to."""
 
     def __repr__(self) -> str:
         refresh = self.refresh_token.fingerprint if self.refresh_token else None
