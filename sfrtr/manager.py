@@ -63,14 +63,14 @@ from sfrtr.oauth.outcome import OutcomeKind, RefreshOutcome
 from sfrtr.policy import RefreshPolicy
 from sfrtr.provider_clock import ProviderClock
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
-from sfrtr.secret import fingerprint
+from sfrtr.secret import Secret, fingerprint
 from sfrtr.singleflight import Singleflight
 from sfrtr.store.base import TokenStore
 from sfrtr.store.memory import MemoryStore
 from sfrtr.store.sealing import SealingError
 
 T = TypeVar("T")
-log = logging.getLogger("sfrtr.manager")
+log = logging.getLogger(__name__)
 _monotonic = time.monotonic  # a module global: one lookup less where the clock is read
 _CHECK_EVERY = 64
 """Fresh-token calls an entry serves between two reads of the clock (see the module doc):
@@ -365,7 +365,7 @@ class TokenManager:
                                         protocol.refused_record(current.record, reason, until,
                                                                self.policy.refused_backoff))
         log.warning("customer %s: a refreshed session was refused (%s); no refresh for %.0fs",
-                    customer, reason, self.policy.refused_backoff)
+                    customer, reason, self.policy.refused_backoff, extra=self._fields(customer))
         return SessionRefused(customer, reason, until)
 
     def _slow(self, customer: str, entry: _Entry | None) -> Awaitable[_Entry]:
@@ -396,7 +396,8 @@ class TokenManager:
         self._background.discard(task)
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
-            log.warning("background refresh of %s failed: %s", customer, exc)
+            log.warning("background refresh of %s failed: %s", customer, exc,
+                        extra=self._fields(customer))
             self._retry_unstored(customer)
         if customer in self._unsettled:
             if exc is None or isinstance(exc, ReauthorizationRequired | NotConnected |
@@ -461,7 +462,8 @@ class TokenManager:
         self._grants[customer] = self._grants.get(customer, 0) + 1
         stored = await self.store.put(customer, record)
         self._cache_put(customer, stored.record, stored.version)
-        log.info("customer %s connected (refresh %s)", customer, record.refresh_token.fingerprint)
+        log.info("customer %s connected (refresh %s)", customer, record.refresh_token.fingerprint,
+                 extra=self._fields(customer, record.refresh_token))
         return stored.record
 
     async def disconnect(self, customer: str, *, revoke: bool = True) -> None:
@@ -474,12 +476,14 @@ class TokenManager:
                 current = await self.store.read(customer)
             except SealingError:
                 log.warning("customer %s: the record does not open with this worker's keys; "
-                            "deleting it without revoking the grant", customer)
+                            "deleting it without revoking the grant", customer,
+                            extra=self._fields(customer))
         if current is not None and current.record.status is not Status.REAUTH_REQUIRED:
             try:
                 await self._oauth_for(current.record).revoke(current.record.refresh_token)
             except OAuthError as exc:
-                log.info("revoke for %s refused (%s); deleting anyway", customer, exc.error)
+                log.info("revoke for %s refused (%s); deleting anyway", customer, exc.error,
+                         extra=self._fields(customer))
         self._grants[customer] = self._grants.get(customer, 0) + 1
         await self.store.delete(customer)
         self._uncache(customer)
@@ -522,13 +526,22 @@ class TokenManager:
             if section.result is not None:
                 log.error("customer %s: rotated tokens could not be stored before close; "
                           "they are lost (refresh %s)", customer,
-                          section.result.refresh_token.fingerprint)
+                          section.result.refresh_token.fingerprint,
+                          extra=self._fields(customer, section.result.refresh_token))
         await self.hooks.drain()
         await self.store.aclose()
         for app in self.apps.values():
             await app.aclose()
 
     # -- clocks and cache ----------------------------------------------------
+
+    def _fields(self, customer: str, token: Secret | None = None) -> dict[str, str]:
+        """Structured fields for a log record (``extra``): the customer, this worker
+        and, for a log about a token, its fingerprint (never the token)."""
+        fields = {"customer": customer, "worker": self.worker_id}
+        if token is not None:
+            fields["token_fingerprint"] = token.fingerprint
+        return fields
 
     def _oauth_for(self, record: TokenRecord) -> OAuthClient:
         """The OAuth client for a grant's own app and login host (records written
@@ -848,7 +861,8 @@ class TokenManager:
         window closes, which the whole request must fit in."""
         held = section.held
         fp = held.refresh_token.fingerprint
-        log.debug("redeeming refresh %s for %s", fp, customer)
+        log.debug("redeeming refresh %s for %s", fp, customer,
+                  extra=self._fields(customer, held.refresh_token))
         if self.policy.recovery == "reuse_window" and not retry:
             # This worker presents the token first: the window cannot open earlier.
             self._presented[customer] = (fp, _monotonic())
@@ -911,7 +925,7 @@ class TokenManager:
             self._finished(customer, section)
             self.stats.rescued += 1
             log.warning("commit for %s was fenced out; tokens kept as rescue %d",
-                        customer, section.fence)
+                        customer, section.fence, extra=self._fields(customer, record.refresh_token))
             return None
         if record.status is not Status.VALID:
             return None
@@ -931,7 +945,8 @@ class TokenManager:
             # key it lacks, say) must not stand between fenced-out tokens and their
             # rescue. A rescue of tokens that did land is dropped as not newer.
             log.warning("customer %s: cannot read the record after a fenced-out commit "
-                        "(%s); keeping the tokens as a rescue", customer, type(exc).__name__)
+                        "(%s); keeping the tokens as a rescue", customer, type(exc).__name__,
+                        extra=self._fields(customer))
             return False
         return current is not None and current.record.refresh_token == record.refresh_token \
             and current.record.access_token == record.access_token
@@ -942,7 +957,7 @@ class TokenManager:
                                                             hint="access_token")
         except SfrtrError as exc:
             log.info("expiry introspection for %s failed (%s); keeping the estimate",
-                     customer, type(exc).__name__)
+                     customer, type(exc).__name__, extra=self._fields(customer))
             return
         if info.active and info.expires_at is not None:
             self._cache_put(customer, record.replace(expires_at=info.expires_at), version)
@@ -979,7 +994,8 @@ class TokenManager:
         self.stats.reauth_marked += 1
         self.hooks.reauth_required(customer, reason)
         self._uncache(customer)
-        log.warning("customer %s must re-authorize: %s", customer, reason)
+        log.warning("customer %s must re-authorize: %s", customer, reason,
+                    extra=self._fields(customer, section.held.refresh_token))
         raise error(customer, reason)
 
     async def _ambiguous(self, customer: str, section: _Section, reason: str, *,
@@ -1099,7 +1115,8 @@ class TokenManager:
             record = protocol.released_record(rescued)
             committed = await self._commit(customer, section, record)
             self.stats.rescues_adopted += 1
-            log.warning("customer %s: adopted rescued tokens (fence %d)", customer, rescue_fence)
+            log.warning("customer %s: adopted rescued tokens (fence %d)", customer, rescue_fence,
+                        extra=self._fields(customer, record.refresh_token))
             if record.status is Status.VALID:
                 self.hooks.refreshed(customer, record.generation)
                 entry = self._cache_put(customer, record, committed.version)

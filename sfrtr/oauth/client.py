@@ -32,7 +32,7 @@ from sfrtr.oauth.instance_url import InstanceUrlPolicy
 from sfrtr.oauth.outcome import OutcomeKind, RefreshOutcome
 from sfrtr.secret import Secret
 
-log = logging.getLogger("sfrtr.oauth")
+log = logging.getLogger(__name__)
 
 BUSY_MARKER = "already being processed"
 MAX_ANSWER_BYTES = 64 * 1024
