@@ -32,6 +32,7 @@ _monotonic = time.monotonic
 
 VARIANTS = ("bare awaited dict lookup", "dict lookup + monotonic() check",
             "asyncio.Lock per call", "sfrtr manager.token()")
+INSTRUMENTED = "sfrtr manager.token(), OpenTelemetry on"
 
 
 class _Stamped:
@@ -76,7 +77,38 @@ async def _setup(customers: int) -> tuple[TokenManager, dict[str, Callable[[str]
             return plain[customer]
 
     fns = dict(zip(VARIANTS, (bare, checked, locked, manager.token), strict=True))
+    instrumented = await _instrumented(customers, now)
+    if instrumented is not None:
+        fns[INSTRUMENTED] = instrumented.token
+        _keep.append(instrumented)
     return manager, fns
+
+
+_keep: list[TokenManager] = []
+
+
+async def _instrumented(customers: int, now: float) -> TokenManager | None:
+    """The same manager with metrics and traces on (the OpenTelemetry SDK, from the
+    bench extra), or None without the SDK."""
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:
+        return None
+    from sfrtr.telemetry import instrument
+
+    oauth = OAuthClient(OAuthConfig(client_id="bench", client_secret=Secret("s"),
+                                    login_url="http://127.0.0.1:9",
+                                    instance_policy=InstanceUrlPolicy.for_emulator()))
+    manager = TokenManager(oauth, MemoryStore())
+    instrument(manager, meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+               tracer_provider=TracerProvider())
+    for i in range(customers):
+        await manager.connect(f"c{i}", TokenGrant(
+            access_token=Secret(f"at-{i}"), refresh_token=Secret(f"rt-{i}"),
+            instance_url="http://127.0.0.1", identity_url="id", issued_at=now, scope="api"))
+    return manager
 
 
 async def _loop(fn: Callable[[str], Awaitable[str]], customer: str, n: int) -> float:
@@ -95,6 +127,8 @@ async def run(n: int = 200_000, repeats: int = 7, customers: int = 1000) -> list
         for name in names:
             samples[name].append(await _loop(fns[name], customer, n))
     await manager.aclose()
+    while _keep:
+        await _keep.pop().aclose()
     base_best = min(samples[VARIANTS[0]])
     base_median = statistics.median(samples[VARIANTS[0]])
     return [{"variant": name, "best ns/call": min(v), "median ns/call": statistics.median(v),

@@ -19,7 +19,9 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +82,18 @@ class Hooks:
         except Exception:  # an application's bug must not reach the refresh path
             # The traceback is the application's own (hooks are given no token).
             log.exception("hook %s for customer %s raised", name, args[0])
+
+
+class Observer(Protocol):
+    """What a telemetry backend sees of a manager (``sfrtr.telemetry`` implements it
+    on OpenTelemetry). The hot path calls none of it; a manager without one pays
+    nothing at all."""
+
+    def span(self, name: str, customer: str) -> AbstractContextManager[object]:
+        """A span around a refresh (``sfrtr.refresh``) or a provider call."""
+
+    def provider_call(self, seconds: float, outcome: str) -> None:
+        """One token request ended: its duration and outcome kind."""
+
+    def waited(self, seconds: float) -> None:
+        """A caller that had no fresh token got one (or an error) after this long."""

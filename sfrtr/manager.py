@@ -56,7 +56,7 @@ from sfrtr.errors import (
     StoreError,
     TokenEndpointUnavailable,
 )
-from sfrtr.hooks import Hooks
+from sfrtr.hooks import Hooks, Observer
 from sfrtr.oauth.client import LEASE_TOO_SHORT, REDIRECT_REFUSED, OAuthClient
 from sfrtr.oauth.grant import TokenGrant
 from sfrtr.oauth.outcome import OutcomeKind, RefreshOutcome
@@ -245,6 +245,8 @@ class TokenManager:
         self.policy = policy or RefreshPolicy()
         self.worker_id = worker_id or default_worker_id()
         self.hooks = hooks or Hooks()
+        self.observer: Observer | None = None
+        """Telemetry (see :func:`sfrtr.telemetry.instrument`); ``None``: none at all."""
         self._check_timing()
         self.stats = ManagerStats()
         self._cache: dict[str, _Entry] = {}
@@ -378,7 +380,28 @@ class TokenManager:
                 _monotonic() < entry.expires_at:
             self._refresh_in_background(customer)
             return _ready(entry)
-        return self._flights.join(customer, self._flight_fn, customer, None)
+        joined = self._flights.join(customer, self._flight_fn, customer, None)
+        return joined if self.observer is None else self._observe_wait(joined)
+
+    async def _observe_wait(self, joined: Awaitable[_Entry]) -> _Entry:
+        started = time.perf_counter()
+        try:
+            return await joined
+        finally:
+            if self.observer is not None:
+                self.observer.waited(time.perf_counter() - started)
+
+    def observe(self, observer: Observer) -> None:
+        """Report refreshes, provider calls and caller waits to ``observer`` (what
+        :func:`sfrtr.telemetry.instrument` calls). The hot path stays as it is."""
+        self.observer = observer
+        flight = self._flight
+
+        async def traced(customer: str, stale: str | None) -> _Entry:
+            with observer.span("sfrtr.refresh", customer):
+                return await flight(customer, stale)
+
+        self._flight_fn = traced
 
     def _refresh_in_background(self, customer: str) -> None:
         if self._flights.in_flight(customer):
@@ -867,8 +890,15 @@ class TokenManager:
             # This worker presents the token first: the window cannot open earlier.
             self._presented[customer] = (fp, _monotonic())
         sent = time.time()
-        outcome = await self._oauth_for(held).refresh(
-            held.refresh_token, budget=functools.partial(self._budget, section, window_end))
+        budget = functools.partial(self._budget, section, window_end)
+        observer = self.observer
+        if observer is None:
+            outcome = await self._oauth_for(held).refresh(held.refresh_token, budget=budget)
+        else:
+            started = time.perf_counter()
+            with observer.span("sfrtr.provider_call", customer):
+                outcome = await self._oauth_for(held).refresh(held.refresh_token, budget=budget)
+            observer.provider_call(time.perf_counter() - started, outcome.kind.value)
         if outcome.kind is OutcomeKind.NOT_SENT:
             # Put back what the acquire replaced: for a recovery that is the orphan or
             # the indeterminate outcome, not a "valid" record whose token may be burnt.
