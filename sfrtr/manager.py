@@ -246,6 +246,7 @@ class TokenManager:
         self.worker_id = worker_id or default_worker_id()
         self.hooks = hooks or Hooks()
         self.observer: Observer | None = None
+        self._keeper: asyncio.Task[None] | None = None
         """Telemetry (see :func:`sfrtr.telemetry.instrument`); ``None``: none at all."""
         self._check_timing()
         self.stats = ManagerStats()
@@ -537,9 +538,27 @@ class TokenManager:
         """Close it (:meth:`aclose`), whether or not the block raised."""
         await self.aclose()
 
+    def keep_alive(self, *, max_idle: float = 7 * 86_400.0, period: float = 3600.0,
+                   rate: float = 1.0) -> asyncio.Task[None]:
+        """Keep idle grants alive from this worker: an :class:`~sfrtr.IdleKeeper` in
+        the background (safe in every worker: one pass per ``period`` runs across the
+        fleet), refreshing each grant unused for ``max_idle`` seconds, at most
+        ``rate`` refreshes per second. Stopped by :meth:`aclose`."""
+        from sfrtr.keeper import IdleKeeper  # the keeper builds on the manager
+
+        if self._keeper is not None and not self._keeper.done():
+            raise ConfigurationError("this manager already keeps its grants alive")
+        keeper = IdleKeeper(self, max_idle=max_idle, period=period, rate=rate)
+        self._keeper = asyncio.get_running_loop().create_task(keeper.run(),
+                                                              name="sfrtr-keeper")
+        return self._keeper
+
     async def aclose(self) -> None:
         """Let refreshes in flight finish (they may hold burnt tokens), then close
         the store and the OAuth client."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.wait({self._keeper})  # a refresh it started finishes below
         await self.wait_idle()
         for timer in [*self._settlers, *self._retries.values()]:
             timer.cancel()

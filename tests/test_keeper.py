@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sfrtr import RefreshPolicy, SqliteStore, Status, TokenManager
+from sfrtr import ConfigurationError, RefreshPolicy, SqliteStore, Status, TokenManager
 from sfrtr.emulator import Emulator
 from sfrtr.keeper import DAY, IdleKeeper
 from sfrtr.store.etcd import EtcdStore
@@ -158,3 +158,23 @@ def test_settings_are_checked():
         IdleKeeper(None, max_idle=0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="jitter"):
         IdleKeeper(None, jitter=1.0)  # type: ignore[arg-type]
+
+
+async def test_keep_alive_runs_a_keeper_until_the_manager_closes(emulator: Emulator,
+                                                                 tmp_path: Path):
+    manager = worker(emulator, SqliteStore(tmp_path / "tokens.db"))
+    await manager.connect("acme", emulator_grant(emulator, "acme"))
+    await asyncio.sleep(1.1)  # idle past max_idle (1 s) by the time the keeper looks
+    task = manager.keep_alive(max_idle=1.0)
+    try:
+        with pytest.raises(ConfigurationError, match="already"):
+            manager.keep_alive()
+        for _ in range(200):  # its first pass runs at once
+            if emulator.ledger["redemptions"]:
+                break
+            await asyncio.sleep(0.02)
+        assert emulator.ledger["redemptions"] == 1
+    finally:
+        await manager.aclose()
+    assert task.cancelled()
+    assert emulator.ledger["reuse"] == 0
