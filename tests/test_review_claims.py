@@ -78,13 +78,7 @@ async def test_a_claim_key_never_touches_a_token_record(pair):
 
 @pytest.mark.parametrize("kind", [
     "memory", "sqlite", "etcd",
-    pytest.param("postgres", marks=pytest.mark.xfail(strict=True, raises=StoreError, reason=(
-        "PostgresStore.claim_once() keys its claims table by the raw key (a btree primary "
-        "key): a key past about 2.7 kB of incompressible text fails with 'index row size "
-        "exceeds maximum' (a StoreError), where memory, SQLite and etcd claim it. Callers "
-        "today pass short nonces, but OnceStore promises any str. Fix: "
-        "sfrtr/store/postgres.py claim_once() (and the etcd key, bounded by etcd's request "
-        "size): store a SHA-256 of the key.")))])
+    "postgres"])
 async def test_a_very_long_key_is_claimed_once(request: pytest.FixtureRequest,
                                                tmp_path: Path, kind: str):
     make = _maker(request, tmp_path, kind)

@@ -71,12 +71,6 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
 # -- accept_plain=False -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "sealing.decode() only calls Sealer.open() when the record has a 'sealed' field, so "
-    "Sealer(accept_plain=False) never sees a plain record and every store reads it: the "
-    "docs' defence against 'an unsealed record with tokens of the attacker's own org' "
-    "does nothing. Fix: sfrtr/store/sealing.py decode(): call sealer.open() whenever a "
-    "sealer is given (open() already handles the plain case)."))
 async def test_accept_plain_false_refuses_a_plain_record_in_a_store(make: MakeStore):
     writer = make(None)  # someone writing behind the workers' back, or an old worker
     await writer.put("acme", RECORD)
@@ -106,10 +100,8 @@ _FENCED_OUT_REASON = (
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("etcd", marks=pytest.mark.xfail(strict=True, raises=SealingError,
-                                                 reason=_FENCED_OUT_REASON)),
-    pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, raises=SealingError,
-                                                   reason=_FENCED_OUT_REASON)),
+    "etcd",
+    "sqlite",
     "postgres",  # sound: commit and save_rescue never decode the stored record
 ])
 async def test_a_fenced_out_commit_keeps_its_tokens_when_the_newer_record_does_not_open(
@@ -167,13 +159,6 @@ async def _unwrap() -> KeyRing:
     return ring("kms-1")
 
 
-@pytest.mark.xfail(strict=True, raises=SealingError, reason=(
-    "SqliteStore.put() (and commit(), save_rescue()) seal the record before _call() "
-    "starts the store, so with a KMS sealer (Sealer(unwrap)) the first write of a fresh "
-    "process fails: 'the key ring is not unwrapped yet'; manager.connect() as a process's "
-    "first call (an import script, a web worker whose first request is a callback "
-    "without claim_once) fails. Fix: sfrtr/store/sqlite.py: await self._ensure() before "
-    "_encode() in put/commit/save_rescue (Postgres encodes inside _run, etcd after _use)."))
 async def test_a_sqlite_store_with_a_kms_sealer_can_write_first(tmp_path: Path):
     store = SqliteStore(tmp_path / "tokens.db", sealer=Sealer(_unwrap))
     try:
@@ -214,14 +199,6 @@ async def test_stores_with_a_kms_sealer_that_start_first_work(request: pytest.Fi
         await plain.aclose()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "Sealer.ready() lets the KMS callable's own exception out of store.start(): callers "
-    "that handle StoreError (the manager's _durably, the web flow's 503 page, the keeper's "
-    "run loop) see an unexpected exception class, against the module's 'errors are "
-    "SealingError'. ready() has no deadline either: a KMS that hangs hangs every store "
-    "call (start() holds _start_lock). Fix: sfrtr/store/sealing.py Sealer.ready(): wrap "
-    "failures in SealingError (without the KMS's message if it may quote key material), "
-    "under an anyio.fail_after(timeout)."))
 async def test_a_failing_kms_is_a_store_error(tmp_path: Path):
     async def unwrap() -> KeyRing:
         raise RuntimeError("KMS: throttled")
@@ -237,13 +214,6 @@ async def test_a_failing_kms_is_a_store_error(tmp_path: Path):
 # -- key material in messages -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "KeyRing.parse() quotes the key id in its errors; an entry written backwards "
-    "('<base64 key>:k1', an easy slip in SFRTR_KEYS) makes the key the id, and the error "
-    "'key '<the key>' is not base64' (or 'key id ... is not 1-40 letters') carries the "
-    "sealing key into logs and tracebacks. Fix: sfrtr/store/sealing.py KeyRing.parse() and "
-    "KeyRing.__init__(): name the entry by position, never quote an id that failed "
-    "validation."))
 @pytest.mark.parametrize("shape", ["{key}:k1", "{key}:{key}"])
 def test_a_key_entry_written_backwards_does_not_show_the_key(shape: str):
     key = base64.b64encode(b"K" * 32).decode()
@@ -296,11 +266,6 @@ async def test_rekey_does_not_bring_back_a_rescue_dropped_meanwhile(tmp_path: Pa
         await checker.aclose()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "rekey() on a store built without a sealer rewrites every plain record as it is and "
-    "reports it 'resealed' (it stops at the first sealed one with 'no key ring'): an "
-    "operator who forgot the keys is told the job is done. Fix: sfrtr/store/sealing.py "
-    "rekey(): raise SealingError when getattr(store, 'sealer', None) is None."))
 async def test_rekey_without_a_sealer_says_so(tmp_path: Path):
     store = SqliteStore(tmp_path / "tokens.db")
     await store.put("acme", RECORD)
@@ -386,13 +351,7 @@ def _pair_of(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> tuple
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "SqliteStore._poll() skips a changed row it cannot open (log.error) without waking "
-        "the customer's waiters: a wait_for_change() on that customer sleeps to its timeout "
-        "(the manager's wait_timeout) instead of returning to find the SealingError; "
-        "subscribers also keep serving the cached token of the record that was replaced. "
-        "Fix: sfrtr/store/sqlite.py _poll(): on StoreError still post a wake-up for the "
-        "customer (and a None state to subscribers, as etcd does)."))),
+    "sqlite",
     "postgres", "etcd-namespace", "etcd-served"])
 async def test_a_change_this_process_cannot_open_wakes_its_waiters_and_is_an_error(
         request: pytest.FixtureRequest, tmp_path: Path, kind: str):
@@ -442,8 +401,7 @@ _MIXED_FLEET_REASON = _FENCED_OUT_REASON + (
 
 
 @pytest.mark.parametrize(("kind", "a_sealed"), [
-    pytest.param("etcd", False, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason=_MIXED_FLEET_REASON)),
+    ("etcd", False),
     ("postgres", False),  # fixed in the manager: a failed read no longer blocks the rescue
     # The same fault in a fleet that seals alike: the rescue keeps the grant alive.
     ("etcd", True),

@@ -68,7 +68,7 @@ def test_key_ring_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     ("k1:%%%", "not base64"),
     (f"k1:{base64.b64encode(b'short').decode()}", "not 32 bytes"),
     (f"{key_text('k1')},{key_text('k1')}", "twice"),
-    ("bad id!:" + base64.b64encode(b"x" * 32).decode(), "key id"),
+    ("bad id!:" + base64.b64encode(b"x" * 32).decode(), "entry 1 is not id:base64-key"),
 ])
 def test_bad_key_text_is_a_clear_error(text: str, error: str):
     with pytest.raises(SealingError, match=error):

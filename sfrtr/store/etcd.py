@@ -30,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -675,7 +677,14 @@ class EtcdStore:
         if revision >= m.observed:
             if tok:
                 if tok[0].mod_revision != m.version or m.record is None:
-                    m.record = self._decode(customer, tok[0].value)
+                    try:
+                        m.record = self._decode(customer, tok[0].value)
+                    except sealing.SealingError:
+                        # A record this process cannot open (a key it lacks): keep its
+                        # version, drop the body. A read decodes again and raises; a
+                        # commit that lost its compare to it still returns None, so
+                        # its rotated tokens go to a rescue.
+                        m.record = None
                 m.version = tok[0].mod_revision
             else:
                 m.record, m.version = None, 0
@@ -957,11 +966,19 @@ class EtcdStore:
         bound to a lease of its own (not the session's: the claim must outlive this
         process, or a replay would pass once it stops)."""
         await self._ensure()
-        name = self._prefix + b"once/" + quote(key, safe="").encode()
+        # Long keys are hashed: etcd bounds a request's size.
+        label = quote(key, safe="") if len(key) <= 200 else \
+            "sha256-" + hashlib.sha256(key.encode()).hexdigest()
+        name = self._prefix + b"once/" + label.encode()
         lease, _ = await self.client.grant(max(2, int(ttl + 0.999)))
+        # A value of our own: a retried Txn (its first answer lost) that finds the key
+        # knows its own landed attempt by it.
+        mine = secrets.token_hex(16).encode()
         result = await self.client.txn([compare(name, "create", "==", 0)],
-                                       [put(name, b"1", lease)])
-        if not result.succeeded:
+                                       [put(name, mine, lease)], [get(name)])
+        won = result.succeeded or bool(result.ranges and result.ranges[0] and
+                                       result.ranges[0][0].value == mine)
+        if not won:
             with contextlib.suppress(StoreError, LeaseLost):
                 await self.client.revoke(lease)
-        return result.succeeded
+        return won

@@ -69,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -888,6 +889,8 @@ class PostgresStore:
         using this schema (expiry by the database's clock; an expired claim can be made
         again)."""
         n = self.names
+        if len(key) > 200:  # a btree key has a size limit: long keys are hashed
+            key = "sha256-" + hashlib.sha256(key.encode()).hexdigest()
         now = "extract(epoch from clock_timestamp())"
         made = await self._run(lambda c: c.fetchval(
             f"INSERT INTO {n.claims} AS k VALUES ($1, {now} + $2::float8)"

@@ -91,9 +91,11 @@ class KeyRing:
         if not items:
             raise SealingError("the key ring is empty: give at least one key")
         self._keys: dict[str, AESGCM] = {}
-        for key_id, raw in items:
+        for n, (key_id, raw) in enumerate(items, 1):
             if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
-                raise SealingError(f"key id {key_id!r} is not 1-40 letters, digits, - or _")
+                # Not quoted: an entry written backwards makes the key its id.
+                raise SealingError(f"key {n} of the ring: its id is not 1-40 letters, "
+                                   "digits, - or _ (is the entry written id:key?)")
             if key_id in self._keys:
                 raise SealingError(f"key id {key_id!r} appears twice in the key ring")
             if not isinstance(raw, bytes | bytearray) or len(raw) != 32:
@@ -130,13 +132,17 @@ class KeyRing:
                 current = entry.partition("=")[2].strip()
                 continue
             key_id, sep, encoded = entry.partition(":")
-            if not sep:
-                raise SealingError(f"{source}: entry {n} is not id:base64-key")
+            key_id = key_id.strip()
+            # Entries are named by position: an id that fails validation may be the key.
+            if not sep or not _KEY_ID.fullmatch(key_id):
+                raise SealingError(f"{source}: entry {n} is not id:base64-key (an id of "
+                                   "1-40 letters, digits, - or _, then the key)")
             try:
                 raw = base64.b64decode(encoded.strip(), validate=True)
             except (binascii.Error, ValueError):
-                raise SealingError(f"{source}: key {key_id.strip()!r} is not base64") from None
-            items.append((key_id.strip(), raw))
+                raise SealingError(f"{source}: the key of entry {n} ({key_id!r}) is not "
+                                   "base64") from None
+            items.append((key_id, raw))
         if not items:
             raise SealingError(f"{source}: no keys")
         return cls(items, current=current)
@@ -178,8 +184,9 @@ class Sealer:
     the workers' back could have put there."""
 
     def __init__(self, keys: KeyRing | Callable[[], Awaitable[KeyRing]], *,
-                 accept_plain: bool = True) -> None:
+                 accept_plain: bool = True, unwrap_timeout: float = 30.0) -> None:
         self.accept_plain = accept_plain
+        self.unwrap_timeout = unwrap_timeout
         self._ring: KeyRing | None = keys if isinstance(keys, KeyRing) else None
         self._unwrap = None if isinstance(keys, KeyRing) else keys
         self._lock = asyncio.Lock()
@@ -193,7 +200,18 @@ class Sealer:
             return
         async with self._lock:
             if self._ring is None and self._unwrap is not None:
-                ring = await self._unwrap()
+                try:
+                    async with asyncio.timeout(self.unwrap_timeout):
+                        ring = await self._unwrap()
+                except SealingError:
+                    raise
+                except TimeoutError:
+                    raise SealingError(f"the key callable (KMS) did not answer within "
+                                       f"{self.unwrap_timeout:g}s") from None
+                except Exception as exc:
+                    # Its message is not repeated: a KMS error may quote key material.
+                    raise SealingError(f"the key callable (KMS) failed: "
+                                       f"{type(exc).__name__}") from None
                 if not isinstance(ring, KeyRing):
                     raise SealingError("the key callable must return a KeyRing")
                 self._ring = ring
@@ -279,13 +297,13 @@ def encode(sealer: Sealer | None, namespace: str, customer: str,
 
 def decode(sealer: Sealer | None, namespace: str, customer: str, data: Any) -> TokenRecord:
     """A record from the dict a store read (:class:`SealingError` if it does not open)."""
-    if isinstance(data, dict) and "sealed" in data:
-        if sealer is None:
-            key_id = Sealer.key_id_of(data)
-            raise SealingError(
-                f"the record of customer {customer!r} is sealed (key {key_id!r}) and this "
-                "store has no key ring: pass sealer=Sealer(KeyRing...)")
-        data = sealer.open(namespace, customer, data)
+    if sealer is not None and isinstance(data, dict):
+        data = sealer.open(namespace, customer, data)  # plain records: accept_plain
+    elif isinstance(data, dict) and "sealed" in data and sealer is None:
+        key_id = Sealer.key_id_of(data)
+        raise SealingError(
+            f"the record of customer {customer!r} is sealed (key {key_id!r}) and this "
+            "store has no key ring: pass sealer=Sealer(KeyRing...)")
     return TokenRecord.from_dict(data)
 
 
@@ -316,6 +334,9 @@ async def rekey(store: TokenStore, *, customers: Iterable[str] | None = None,
     its files; etcd keeps them in its history until it is compacted and
     defragmented (an operator's step, ``docs/security.md``).
     """
+    if getattr(store, "sealer", None) is None:
+        raise SealingError("this store has no sealer: rekey would write its records in the "
+                           "clear; build it with sealer=Sealer(KeyRing...)")
     report = RekeyReport(busy=[])
     assert report.busy is not None
     names = list(customers) if customers is not None else await store.customers()

@@ -498,6 +498,9 @@ class SqliteStore:
                         notes.append((row[0], row[4], self._view(row)))
                     except StoreError as exc:
                         log.error("customer %s: %s", row[0], exc)
+                        # Still wake its waiters (they read, and meet the error) and
+                        # tell subscribers to drop the replaced record's cached copy.
+                        notes.append((row[0], row[4], None))
                 if notes:
                     self._post(self._deliver, notes)
             dead = [customer for customer, holder in self._watch_snapshot
@@ -538,6 +541,7 @@ class SqliteStore:
         return await self._call(lambda notes: self._view(self._fetch(customer)))
 
     async def put(self, customer: str, record: TokenRecord) -> Versioned:
+        await self._ensure()  # a KMS sealer unwraps its keys when the store starts
         raw = _encode(record, self.sealer, customer)
 
         def job(notes: list[_Note]) -> Versioned:
@@ -588,6 +592,7 @@ class SqliteStore:
         return await self._call(job)
 
     async def commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
+        await self._ensure()  # a KMS sealer unwraps its keys when the store starts
         raw = _encode(record, self.sealer, customer)
 
         def job(notes: list[_Note]) -> Versioned | None:
@@ -612,9 +617,16 @@ class SqliteStore:
         seq = self._bump()
         db.execute("INSERT INTO sfrtr_tokens VALUES (?, NULL, 0, NULL, ?) ON CONFLICT"
                    " (customer) DO UPDATE SET stamp = excluded.stamp", (customer, seq))
-        notes.append((customer, seq, self._view(self._fetch(customer))))
+        try:
+            state = self._view(self._fetch(customer))
+        except StoreError:
+            # A record this process cannot open (a key it lacks) must not roll the
+            # rescue back: the rescue may hold the only copy of a rotated token.
+            state = None
+        notes.append((customer, seq, state))
 
     async def save_rescue(self, customer: str, fence: int, record: TokenRecord) -> None:
+        await self._ensure()  # a KMS sealer unwraps its keys when the store starts
         raw = _encode(record, self.sealer, customer)
 
         def job(notes: list[_Note]) -> None:
