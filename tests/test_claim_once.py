@@ -94,3 +94,32 @@ async def test_async_with_starts_and_closes(request, tmp_path, kind):
     else:
         with pytest.raises(StoreError, match="closed"):
             await kept.read("nobody")
+
+
+async def test_an_etcd_claim_whose_answer_was_lost_is_still_won(etcd_server, namespace):
+    """The claim's Txn lands, its answer is cut (the proxy forwards the request, then
+    drops the connection), and the client retries it on the next endpoint: the retry
+    finds the key its first attempt made, and knows it by its value. The claim stays
+    made for everyone else (a replay is refused)."""
+    from benchmarks.etcd_proxy import EtcdProxy
+
+    proxy = EtcdProxy(etcd_server.endpoint)
+    await proxy.start()
+    store = EtcdStore(EtcdSettings(endpoints=[proxy.endpoint, etcd_server.endpoint]),
+                      namespace=namespace, lease_ttl=6)
+    other = EtcdStore(EtcdSettings(endpoints=[etcd_server.endpoint]), namespace=namespace,
+                      lease_ttl=6)
+    try:
+        await store.start()
+        key = "oauth-state/" + "n" * 150  # the claim's Txn: the only request this big
+        proxy.min_request, proxy.lose_probability = 400, 1.0
+        first = await store.claim_once(key, 60)
+        proxy.lose_probability = 0.0
+        assert proxy.stats.cuts == 1
+        assert store.client.failovers == 1
+        assert first is True, "the first claim of the key was refused as a replay"
+        assert await other.claim_once(key, 60) is False
+    finally:
+        await store.aclose()
+        await other.aclose()
+        await proxy.aclose()
