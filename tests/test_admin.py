@@ -29,6 +29,8 @@ LIVE = TokenRecord(access_token=Secret("at-live-value"), refresh_token=Secret("r
                    instance_url="https://x.my.salesforce.com", issued_at=1.0,
                    expires_at=time.time() + 3600, generation=4)
 TEN_DAYS_AGO = time.time() - 10 * 86_400
+SANDBOX = "https://test.salesforce.com"
+APP = "3MVG9" + "x" * 80  # a consumer key's length
 
 
 async def test_list_and_clear(etcd_store):
@@ -83,7 +85,7 @@ def utc(epoch: float) -> str:
 
 
 async def test_status_on_etcd_json_and_one_customer(etcd_server, etcd_store, namespace):
-    idle = dataclasses.replace(LIVE, issued_at=TEN_DAYS_AGO)
+    idle = dataclasses.replace(LIVE, issued_at=TEN_DAYS_AGO, token_host=SANDBOX, client_id=APP)
     await etcd_store.put("acme", idle)
     await etcd_store.put("acme2", dead_record(LIVE, "refresh token rejected"))
     await etcd_store.save_rescue("acme", 7, idle)
@@ -96,6 +98,8 @@ async def test_status_on_etcd_json_and_one_customer(etcd_server, etcd_store, nam
     assert rows[0]["last_refresh"] == utc(TEN_DAYS_AGO)
     assert 9.99 < rows[0]["idle_days"] < 10.01
     assert (rows[0]["rescues"], rows[0]["locked"], rows[0]["intent"]) == (1, False, False)
+    assert (rows[0]["token_host"], rows[0]["client_id"]) == (SANDBOX, APP)
+    assert (rows[1]["token_host"], rows[1]["client_id"]) == ("", "")
     assert "live-value" not in out
     # One customer: its own keys only (acme2 shares the prefix and is not shown).
     code, out, _ = await run_cli("status", "acme", *common)
@@ -104,8 +108,13 @@ async def test_status_on_etcd_json_and_one_customer(etcd_server, etcd_store, nam
     assert {k: v.strip() for k, v in fields.items()} == {
         "customer": "acme", "status": "valid", "reason": "-", "generation": "4",
         "last refresh": utc(TEN_DAYS_AGO), "idle days": "10.0",
-        "intent": "none", "lock": "free", "rescues": "1",
-        "refresh token": f"fingerprint {LIVE.refresh_token.fingerprint}"}
+        "intent": "none", "lock": "free", "rescues": "1", "token host": SANDBOX,
+        "app": APP, "refresh token": f"fingerprint {LIVE.refresh_token.fingerprint}"}
+    code, out, _ = await run_cli("status", *common)
+    assert code == 0
+    acme, acme2 = out.splitlines()[1:3]
+    assert acme.split()[7:9] == ["test.salesforce.com", "3MVG9xxxxx..."]
+    assert acme2.split()[7:9] == ["-", "-"]  # the workers' own host and app
     code, out, err = await run_cli("status", "nobody", *common)
     assert (code, out) == (2, "")
     assert err == (f"sfrtr status: error: etcd at {etcd_server.endpoint} (namespace "
@@ -129,7 +138,7 @@ async def test_status_on_sqlite_shows_a_held_lock_and_intent(tmp_path: Path):
         assert code == 0
         lines = out.splitlines()
         assert lines[0].split() == ["customer", "status", "gen", "locked", "last", "refresh",
-                                    "(UTC)", "idle", "d", "refresh", "reason"]
+                                    "(UTC)", "idle", "d", "host", "app", "refresh", "reason"]
         assert lines[1].split()[:4] == ["acme", "refreshing", "4", "yes"]
         assert lines[2].split()[:4] == ["dead", "reauth_required", "4", "no"]
         assert lines[2].endswith("refresh token rejected")

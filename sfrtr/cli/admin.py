@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class CustomerStatus:
-    """One customer's grant as an operator sees it: status, generation, lock, the
-    refresh token's fingerprint (never its value)."""
+    """One customer's grant as an operator sees it: status, generation, lock, last
+    refresh, the host and app it belongs to, the refresh token's fingerprint (never
+    its value)."""
 
     customer: str
     status: Status
@@ -43,6 +44,10 @@ class CustomerStatus:
     """A refresh's intent is recorded (in flight, or left for recovery)."""
     rescues: int = 0
     """How many rescue entries wait (0 where the store only says whether any do)."""
+    token_host: str = ""
+    """The login host that issued the grant (empty: the workers' own ``login_url``)."""
+    client_id: str = ""
+    """The connected app of the grant (empty: the workers' own app)."""
 
     def idle_days(self, now: float) -> float:
         """Days since the last successful refresh, as of ``now`` (epoch seconds)."""
@@ -60,7 +65,8 @@ class CustomerStatus:
                 "last_refresh": self.last_refresh(), "issued_at": self.issued_at,
                 "idle_days": round(self.idle_days(now), 3), "expires_at": self.expires_at,
                 "locked": self.locked, "intent": self.intent, "rescued": self.rescued,
-                "rescues": self.rescues, "refresh_fingerprint": self.refresh_fingerprint}
+                "rescues": self.rescues, "token_host": self.token_host,
+                "client_id": self.client_id, "refresh_fingerprint": self.refresh_fingerprint}
 
 
 async def list_status(store: TokenStore, customers: Iterable[str] | None = None
@@ -78,7 +84,7 @@ async def list_status(store: TokenStore, customers: Iterable[str] | None = None
         out.append(CustomerStatus(customer, r.status, r.generation, r.expires_at,
                                   current.locked, r.reason, r.refresh_token.fingerprint,
                                   current.rescued or rescues > 0, r.issued_at,
-                                  r.intent is not None, rescues))
+                                  r.intent is not None, rescues, r.token_host, r.client_id))
     return out
 
 
@@ -130,7 +136,8 @@ async def status_rows(client: EtcdClient, namespace: str, *, page_size: int = 50
         count = rescues.get(name, 0)
         out.append(CustomerStatus(name, r.status, r.generation, r.expires_at,
                                   name in locked, r.reason, fingerprint, count > 0,
-                                  r.issued_at, r.intent is not None, count))
+                                  r.issued_at, r.intent is not None, count, r.token_host,
+                                  r.client_id))
     return out
 
 

@@ -89,13 +89,27 @@ def _show(args: argparse.Namespace, rows: list[CustomerStatus], place: str) -> i
 
 def _print_table(rows: list[CustomerStatus], now: float, place: str) -> None:
     print(f"{'customer':<24} {'status':<16} {'gen':>5} {'locked':<6} "
-          f"{'last refresh (UTC)':<20} {'idle d':>6} {'refresh':<12} reason")
+          f"{'last refresh (UTC)':<20} {'idle d':>6} {'host':<24} {'app':<13} "
+          f"{'refresh':<12} reason")
     for row in rows:
         reason = row.reason + (" (rescued tokens wait)" if row.rescued else "")
         print(f"{row.customer:<24} {row.status.value:<16} {row.generation:>5} "
               f"{'yes' if row.locked else 'no':<6} {row.last_refresh():<20} "
-              f"{row.idle_days(now):>6.1f} {row.refresh_fingerprint:<12} {reason}".rstrip())
+              f"{row.idle_days(now):>6.1f} {_host(row):<24} {_app(row):<13} "
+              f"{row.refresh_fingerprint:<12} {reason}".rstrip())
     print(f"{len(rows)} customer(s) in {place}")
+
+
+def _host(row: CustomerStatus) -> str:
+    # "-": the workers' own login_url (a grant stored before hosts were recorded).
+    return row.token_host.removeprefix("https://") or "-"
+
+
+def _app(row: CustomerStatus) -> str:
+    # Consumer keys run to 85 characters: the table shows their start, --json all;
+    # "-": the workers' own app.
+    key = row.client_id or "-"
+    return key if len(key) <= 13 else key[:10] + "..."
 
 
 def _print_one(row: CustomerStatus, now: float) -> None:
@@ -106,6 +120,8 @@ def _print_one(row: CustomerStatus, now: float) -> None:
               ("intent", "present" if row.intent else "none"),
               ("lock", "held" if row.locked else "free"),
               ("rescues", str(row.rescues) if row.rescues or not row.rescued else "yes"),
+              ("token host", row.token_host or "- (the workers' login_url)"),
+              ("app", row.client_id or "- (the workers' client id)"),
               ("refresh token", f"fingerprint {row.refresh_fingerprint}")]
     for label, value in fields:
         print(f"{label + ':':<15}{value}")
