@@ -61,8 +61,8 @@ class IdleKeeper:
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rng: Callable[[], float] = random.random) -> None:
-        if max_idle <= 0 or period <= 0 or rate <= 0:
-            raise ValueError("max_idle, period and rate must be positive")
+        if max_idle < 0 or period <= 0 or rate <= 0:
+            raise ValueError("period and rate must be positive, max_idle not negative")
         if not 0 <= jitter < 1:
             raise ValueError("jitter must be in [0, 1)")
         self.manager = manager
@@ -86,6 +86,7 @@ class IdleKeeper:
                                      "(it has no claim_once): use one of sfrtr's stores")
         period = int(self._clock() // self.period)
         if not await store.claim_once(f"keeper/{period}", self.period):
+            log.info("keeper: another worker has this period's pass")
             return KeeperReport(claimed=False)
         report = KeeperReport(claimed=True)
         paced = False

@@ -154,8 +154,10 @@ async def test_run_keeps_passing_until_cancelled(emulator: Emulator, tmp_path: P
 
 
 def test_settings_are_checked():
+    with pytest.raises(ValueError, match="negative"):
+        IdleKeeper(None, max_idle=-1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="positive"):
-        IdleKeeper(None, max_idle=0)  # type: ignore[arg-type]
+        IdleKeeper(None, period=0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="jitter"):
         IdleKeeper(None, jitter=1.0)  # type: ignore[arg-type]
 

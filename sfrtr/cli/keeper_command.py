@@ -27,9 +27,6 @@ DAY = 86_400.0
 SECRET_ENV = "SFRTR_CLIENT_SECRET"
 CLIENT_ID_ENV = "SFRTR_CLIENT_ID"
 LOGIN_URL_ENV = "SFRTR_LOGIN_URL"
-_TINY_IDLE = 1e-3
-"""Seconds standing in for ``--max-idle-days 0`` (every valid grant counts as idle):
-the keeper itself wants a positive threshold."""
 
 
 def days(text: str) -> float:
@@ -135,7 +132,7 @@ async def _run(args: argparse.Namespace, config: OAuthConfig, place: str) -> int
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     store = open_store(args, env_sealer())
     manager = TokenManager(OAuthClient(config), store)
-    keeper = IdleKeeper(manager, max_idle=max(args.max_idle_days * DAY, _TINY_IDLE),
+    keeper = IdleKeeper(manager, max_idle=args.max_idle_days * DAY,
                         period=args.period, rate=args.rate)
     try:
         if args.once:

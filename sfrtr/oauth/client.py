@@ -9,9 +9,9 @@ an outbound proxy, so refreshes come from an allow-listed static IP
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import base64
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
