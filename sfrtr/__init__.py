@@ -7,6 +7,7 @@ coroutine, process and host, and that a rotated token is never silently lost.
 The public API is what this module exports; everything else is private.
 """
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from sfrtr.errors import (
@@ -28,6 +29,7 @@ from sfrtr.errors import (
 )
 
 if TYPE_CHECKING:
+    from sfrtr.hooks import Hooks
     from sfrtr.keeper import IdleKeeper, KeeperReport
     from sfrtr.loop_stall import LoopStallMonitor
     from sfrtr.manager import Credentials, ManagerStats, TokenManager
@@ -82,11 +84,15 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
+# A library prints nothing unless the application configures logging.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
 # Every public name but the errors is imported on first use (PEP 562): most of them
 # pull in aiohttp (a quarter of a second of start-up), which ``import sfrtr``, ``sfrtr
 # --version`` or an error handler never need. ``from sfrtr import X`` and ``sfrtr.X``
 # work as before; type checkers read the imports above.
 _MODULES: dict[str, tuple[str, ...]] = {
+    "sfrtr.hooks": ("Hooks",),
     "sfrtr.keeper": ("IdleKeeper", "KeeperReport"),
     "sfrtr.loop_stall": ("LoopStallMonitor",),
     "sfrtr.manager": ("Credentials", "ManagerStats", "TokenManager"),
@@ -155,6 +161,7 @@ __all__ = [
     "EtcdSettings",
     "EtcdStore",
     "GrantSuspended",
+    "Hooks",
     "IdleKeeper",
     "InstanceUrlPolicy",
     "Intent",
