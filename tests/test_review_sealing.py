@@ -238,15 +238,6 @@ class _DisconnectDuringRekey(SqliteStore):
         return found
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "rekey() rewrites rescue entries with an unconditional save_rescue(): a rescue that "
-    "was adopted and dropped, or a customer disconnected, between rekey's rescues() and "
-    "its save_rescue() comes back (a disconnected customer's refresh token stays at "
-    "rest, and the record shows rescued=True). pick_rescue's generation check keeps a "
-    "resurrected entry from being adopted, so no token is presented twice. Fix: "
-    "sfrtr/store/sealing.py rekey(): re-seal each rescue with a compare (a store method "
-    "such as reseal_rescue(customer, fence) that rewrites the entry only if it still "
-    "exists unchanged: UPDATE ... WHERE, or an etcd Txn on the entry's mod revision)."))
 async def test_rekey_does_not_bring_back_a_rescue_dropped_meanwhile(tmp_path: Path):
     path = tmp_path / "tokens.db"
     first = SqliteStore(path, sealer=Sealer(ring("k1")))

@@ -911,6 +911,17 @@ class EtcdStore:
             [], [delete(self._rescue_prefix(customer) + b"%020d" % fence)])
         self._wrote_rescue(customer, fence, result.revision, False)
 
+    async def reseal_rescue(self, customer: str, fence: int, record: TokenRecord) -> bool:
+        """Write a rescue entry again (sealed with the newest key) only if it still
+        exists: rekey must not bring back an entry adopted or dropped meanwhile."""
+        await self._use(customer)
+        key = self._rescue_prefix(customer) + b"%020d" % fence
+        result = await self.client.txn([compare(key, "create", "!=", 0)],
+                                       [put(key, self._encode(customer, record))])
+        if result.succeeded:
+            self._wrote_rescue(customer, fence, result.revision, True)
+        return result.succeeded
+
     async def wait_for_change(self, customer: str, after: int,
                               timeout: float) -> Versioned | None:
         deadline = time.monotonic() + timeout

@@ -123,6 +123,15 @@ class MemoryStore:
         self._rescues.setdefault(customer, {})[fence] = record
         self._bump(customer)
 
+    async def reseal_rescue(self, customer: str, fence: int, record: TokenRecord) -> bool:
+        """Replace a rescue entry only if it still exists (what rekey uses)."""
+        self._refuse_if_forked()
+        entries = self._rescues.get(customer)
+        if entries is None or fence not in entries:
+            return False
+        entries[fence] = record
+        return True
+
     async def rescues(self, customer: str) -> list[tuple[int, TokenRecord]]:
         self._refuse_if_forked()
         return sorted(self._rescues.get(customer, {}).items())

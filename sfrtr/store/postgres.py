@@ -781,6 +781,16 @@ class PostgresStore:
             return
         self._deliver(customer, stamp, state)
 
+    async def reseal_rescue(self, customer: str, fence: int, record: TokenRecord) -> bool:
+        """Write a rescue entry again (sealed with the newest key) only if it still
+        exists: rekey must not bring back an entry adopted or dropped meanwhile."""
+        n = self.names
+        self._used(customer)
+        done = await self._run(lambda c: c.fetchval(
+            f"UPDATE {n.rescues} SET record = $3::jsonb WHERE customer = $1 AND fence = $2"
+            " RETURNING true", customer, fence, self._encode(customer, record)))
+        return bool(done)
+
     async def rescues(self, customer: str) -> list[tuple[int, TokenRecord]]:
         n = self.names
         rows = await self._run(lambda c: c.fetch(

@@ -357,9 +357,16 @@ async def rekey(store: TokenStore, *, customers: Iterable[str] | None = None,
         if not done:
             report.busy.append(customer)
             continue
+        reseal = getattr(store, "reseal_rescue", None)
         for fence, rescued in await store.rescues(customer):
-            await store.save_rescue(customer, fence, rescued)
-            report.rescues += 1
+            # Only if it still exists: an entry adopted, dropped or disconnected since
+            # the read must not come back (a store without reseal_rescue: save it).
+            if reseal is not None:
+                if await reseal(customer, fence, rescued):
+                    report.rescues += 1
+            else:
+                await store.save_rescue(customer, fence, rescued)
+                report.rescues += 1
     scrub = getattr(store, "scrub", None)
     if scrub is not None:
         await scrub()

@@ -638,6 +638,22 @@ class SqliteStore:
 
         await self._call(job)
 
+    async def reseal_rescue(self, customer: str, fence: int, record: TokenRecord) -> bool:
+        """Write a rescue entry again (sealed with the newest key) only if it still
+        exists: rekey must not bring back an entry adopted or dropped meanwhile."""
+        await self._ensure()
+        raw = _encode(record, self.sealer, customer)
+
+        def job(notes: list[_Note]) -> bool:
+            db = self._db()
+            with _transaction(db):
+                done: bool = db.execute(
+                    "UPDATE sfrtr_rescues SET record = ? WHERE customer = ? AND fence = ?",
+                    (raw, customer, fence)).rowcount == 1
+            return done
+
+        return await self._call(job)
+
     async def rescues(self, customer: str) -> list[tuple[int, TokenRecord]]:
         def job(notes: list[_Note]) -> list[tuple[int, TokenRecord]]:
             found: list[tuple[int, TokenRecord]] = []
