@@ -58,7 +58,7 @@ from sfrtr.secret import Secret
 from sfrtr.store.base import OnceStore, TokenStore
 from sfrtr.store.memory import MemoryStore
 
-log = logging.getLogger("sfrtr.aiohttp")
+log = logging.getLogger(__name__)
 
 CustomerOf = Callable[[web.Request], str | Awaitable[str]]
 ErrorPage = Callable[[str, int, str], web.StreamResponse | Awaitable[web.StreamResponse]]

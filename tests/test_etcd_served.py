@@ -162,7 +162,7 @@ async def test_a_broken_stream_resumes_each_watcher_where_it_was(
 
 async def test_a_compacted_watcher_reads_its_customer_again(
         etcd_server: LocalEtcd, namespace: str, caplog: pytest.LogCaptureFixture):
-    caplog.set_level(logging.WARNING, logger="sfrtr.etcd")
+    caplog.set_level(logging.WARNING, logger="sfrtr.store")
     writer = await store_of(etcd_server, namespace)
     served = await store_of(etcd_server, namespace, mirror="served")
     try:

@@ -140,7 +140,7 @@ async def test_rescues(etcd_store):
 
 
 async def test_watch_resumes_after_compaction(etcd_server, etcd_store, namespace, caplog):
-    caplog.set_level(logging.WARNING, logger="sfrtr.etcd")
+    caplog.set_level(logging.WARNING, logger="sfrtr.store")
     writer = await other_store(etcd_server, namespace)
     try:
         v0 = await etcd_store.put("acme", RECORD)

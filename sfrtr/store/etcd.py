@@ -64,7 +64,7 @@ from sfrtr.store.etcd_client import (
 if TYPE_CHECKING:
     from sfrtr.store.sealing import Sealer
 
-log = logging.getLogger("sfrtr.etcd")
+log = logging.getLogger(__name__)
 
 Subscriber = Callable[[str, Versioned | None], None]
 Mirror = Literal["namespace", "served"]

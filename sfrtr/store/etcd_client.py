@@ -23,7 +23,7 @@ from aetcd import rpc
 
 from sfrtr.errors import ConfigurationError, LeaseLost, StoreError
 
-log = logging.getLogger("sfrtr.etcd")
+log = logging.getLogger(__name__)
 
 Target = Literal["mod", "create", "version", "value", "lease"]
 _TARGETS = {

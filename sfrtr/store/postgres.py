@@ -95,7 +95,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the extra is missing
     raise ImportError("PostgresStore needs asyncpg: pip install 'sfrtr[postgres]'") from exc
 
-log = logging.getLogger("sfrtr.postgres")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Subscriber = Callable[[str, Versioned | None], None]

@@ -78,7 +78,7 @@ from sfrtr.store import sealing
 if TYPE_CHECKING:
     from sfrtr.store.sealing import Sealer
 
-log = logging.getLogger("sfrtr.sqlite")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Subscriber = Callable[[str, Versioned | None], None]
