@@ -409,21 +409,27 @@ class TokenManager:
             if customer in self._unsettled:  # that flight may fail: look again later
                 self._settle_later(customer, _STORE_RETRY_DELAY)
             return
-        self._in_background(customer, self._fly(customer, None))
+        self._in_background(customer, self._fly(customer, None), settles=True)
 
-    def _in_background(self, customer: str, work: Coroutine[object, object, object]) -> None:
+    def _in_background(self, customer: str, work: Coroutine[object, object, object], *,
+                       settles: bool = False) -> None:
+        """Run ``work`` for ``customer`` beside the callers. ``settles``: it is a flight
+        whose outcome decides whether an unknown outcome of ours is settled."""
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
-        task.add_done_callback(functools.partial(self._background_done, customer))
+        task.add_done_callback(functools.partial(self._background_done, customer, settles))
 
-    def _background_done(self, customer: str, task: asyncio.Task[object]) -> None:
+    def _background_done(self, customer: str, settles: bool, task: asyncio.Task[object]) -> None:
         self._background.discard(task)
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
             log.warning("background refresh of %s failed: %s", customer, exc,
                         extra=self._fields(customer))
             self._retry_unstored(customer)
-        if customer in self._unsettled:
+        # Only a flight's end settles a customer: a look for a lost acquire that found
+        # nothing says nothing of the unknown outcome still in the record (seed
+        # 740196656: it ended the settling while the record stayed indeterminate).
+        if settles and customer in self._unsettled:
             if exc is None or isinstance(exc, ReauthorizationRequired | NotConnected |
                                           GrantSuspended | SessionRefused):
                 self._unsettled.discard(customer)  # settled, one way or the other
