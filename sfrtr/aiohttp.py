@@ -41,12 +41,14 @@ from aiohttp import web
 from yarl import URL
 
 from sfrtr.errors import (
+    ConfigurationError,
     InvalidTokenResponse,
     OAuthError,
     SfrtrError,
     StoreError,
     TokenEndpointUnavailable,
 )
+from sfrtr.hooks import Hooks
 from sfrtr.manager import TokenManager
 from sfrtr.oauth import pkce
 from sfrtr.oauth.client import OAuthClient, OAuthConfig
@@ -74,7 +76,8 @@ CSRF_COOKIE = "sfrtr_csrf"
 CSRF_FIELD = "csrf_token"
 """The form field (or the ``X-CSRF-Token`` header) that carries the CSRF token."""
 ERROR_KINDS = ("denied", "incomplete", "invalid_state", "wrong_browser", "replayed",
-               "refused", "unavailable", "bad_answer", "cross_site", "on_connect_failed")
+               "refused", "unavailable", "bad_answer", "cross_site", "on_connect_failed",
+               "bad_host")
 _STATE_CLAIM_MARGIN = 60.0  # seconds a used nonce is kept past the state's own expiry
 
 
@@ -97,6 +100,10 @@ class Connected:
 
 
 OnConnect = Callable[[Connected], Awaitable[None] | None]
+LoginHost = Callable[[web.Request], str | Awaitable[str | None] | None]
+"""The login host a customer's flow starts at: ``https://test.salesforce.com`` for a
+sandbox, a My Domain, or ``None`` for the app's own. Checked against the app's
+instance-URL policy (https on a Salesforce domain by default) before use."""
 
 
 @dataclass
@@ -117,6 +124,8 @@ class Integration:
     on_connect: OnConnect | None = None
     trusted_origins: frozenset[str] = field(default_factory=frozenset)
     disconnected_url: SuccessUrl | None = None
+    login_host: LoginHost | None = None
+    hooks: Hooks | None = None
     manager: TokenManager | None = None
 
 
@@ -133,7 +142,8 @@ def setup(app: web.Application, *, oauth_config: OAuthConfig, customer_of: Custo
           scope: str = "api refresh_token", secure_cookies: bool | None = None,
           error_page: ErrorPage | None = None, on_connect: OnConnect | None = None,
           trusted_origins: tuple[str, ...] = (),
-          disconnected_url: SuccessUrl | None = None) -> Integration:
+          disconnected_url: SuccessUrl | None = None, login_host: LoginHost | None = None,
+          hooks: Hooks | None = None) -> Integration:
     """Wire sfrtr into ``app``.
 
     ``redirect_uri`` defaults to this app's callback URL as seen by the request
@@ -145,13 +155,16 @@ def setup(app: web.Application, *, oauth_config: OAuthConfig, customer_of: Custo
     message)`` renders failed steps (default: a plain page). ``on_connect(info)``
     runs after a grant is stored (:class:`Connected`). ``trusted_origins``:
     origins besides this app's own (and the redirect URI's) allowed to post a
-    disconnect (``"https://admin.example.com"``).
+    disconnect (``"https://admin.example.com"``). ``login_host(request)``: the login
+    host this customer authorizes at (a sandbox switch, a My Domain; ``None``: the
+    app's own), refused with a 400 page unless the policy allows it; the grant
+    remembers it. ``hooks``: the manager's :class:`~sfrtr.Hooks`.
     """
     origins = frozenset(_origin(o) for o in trusted_origins)
     integration = Integration(oauth_config, store_factory, policy or RefreshPolicy(),
                               customer_of, StateSigner(state_key), prefix.rstrip("/"),
                               redirect_uri, success_url, scope, secure_cookies, error_page,
-                              on_connect, origins, disconnected_url)
+                              on_connect, origins, disconnected_url, login_host, hooks)
     app[INTEGRATION] = integration
     app.cleanup_ctx.append(_lifecycle)
     app.middlewares.append(_set_csrf_cookie)
@@ -164,7 +177,7 @@ def setup(app: web.Application, *, oauth_config: OAuthConfig, customer_of: Custo
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     integration = app[INTEGRATION]
     manager = TokenManager(OAuthClient(integration.oauth_config), integration.store_factory(),
-                           integration.policy)
+                           integration.policy, hooks=integration.hooks)
     integration.manager = manager
     app[MANAGER] = manager
     yield
@@ -274,6 +287,7 @@ _TITLES = {
     "bad_answer": "Salesforce's answer could not be used: please try again",
     "cross_site": "Request refused",
     "on_connect_failed": "Connected, but the app could not finish: please try again",
+    "bad_host": "This Salesforce login host is not allowed",
 }
 
 
@@ -290,9 +304,18 @@ async def _connect(request: web.Request) -> web.StreamResponse:
     integration = request.app[INTEGRATION]
     customer = await customer_for(request)
     redirect_uri = _redirect_uri(request)
-    state, parsed = integration.signer.sign(customer, redirect_uri)
-    verifier = pkce.make_verifier()
     oauth = request.app[MANAGER].oauth
+    if integration.login_host is not None:
+        chosen = integration.login_host(request)
+        host = await chosen if inspect.isawaitable(chosen) else chosen
+        if host:
+            try:
+                oauth = oauth.for_host(host)
+            except ConfigurationError as exc:
+                return await _error(request, "bad_host", 400, str(exc))
+    host = "" if oauth is request.app[MANAGER].oauth else oauth.config.login_url
+    state, parsed = integration.signer.sign(customer, redirect_uri, host)
+    verifier = pkce.make_verifier()
     location = oauth.authorize_url(redirect_uri=redirect_uri, state=state,
                                    code_challenge=pkce.challenge(verifier),
                                    scope=integration.scope,
@@ -347,8 +370,13 @@ async def _callback(request: web.Request) -> web.StreamResponse:
         return await _error(request, "replayed", 400, "state already used")
     manager_ = request.app[MANAGER]
     try:
-        grant = await manager_.oauth.exchange_code(code, redirect_uri=state.redirect_uri,
-                                                   code_verifier=verifier)
+        # The host the flow started at (signed into the state), checked again.
+        oauth = manager_.oauth.for_host(state.login_host) if state.login_host else \
+            manager_.oauth
+        grant = await oauth.exchange_code(code, redirect_uri=state.redirect_uri,
+                                          code_verifier=verifier)
+    except ConfigurationError as exc:
+        return await _error(request, "bad_host", 400, str(exc))
     except OAuthError as exc:
         if exc.status >= 500 or exc.status == 429:
             return await _error(request, "unavailable", 503,

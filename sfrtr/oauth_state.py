@@ -29,6 +29,9 @@ class State:
     redirect_uri: str
     nonce: str
     expires_at: float
+    login_host: str = ""
+    """The login host the flow started at (a sandbox, a My Domain): the code is
+    exchanged there. Empty: the app's own."""
 
 
 def _b64(raw: bytes) -> str:
@@ -54,10 +57,15 @@ class StateSigner:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()
 
-    def sign(self, customer: str, redirect_uri: str) -> tuple[str, State]:
-        state = State(customer, redirect_uri, secrets.token_urlsafe(16), time.time() + self.ttl)
-        payload = orjson.dumps([state.customer, state.redirect_uri, state.nonce,
-                                state.expires_at])
+    def sign(self, customer: str, redirect_uri: str,
+             login_host: str = "") -> tuple[str, State]:
+        state = State(customer, redirect_uri, secrets.token_urlsafe(16), time.time() + self.ttl,
+                      login_host)
+        fields: list[object] = [state.customer, state.redirect_uri, state.nonce,
+                                state.expires_at]
+        if login_host:
+            fields.append(login_host)
+        payload = orjson.dumps(fields)
         return f"{_b64(payload)}.{_b64(self._mac(payload))}", state
 
     def mac(self, text: str) -> str:
@@ -94,17 +102,21 @@ class StateSigner:
         if not hmac.compare_digest(mac, self._mac(payload)):
             raise InvalidState("state signature does not verify")
         try:
-            customer, bound_uri, nonce, expires_at = orjson.loads(payload)
-        except (orjson.JSONDecodeError, ValueError):
+            # Four fields, or five with a login host (states signed before hosts were
+            # recorded still verify).
+            customer, bound_uri, nonce, expires_at, *rest = orjson.loads(payload)
+            login_host = rest[0] if len(rest) == 1 else "" if not rest else None
+        except (orjson.JSONDecodeError, ValueError, TypeError):
             raise InvalidState("malformed state") from None
         now = time.time()
         if not isinstance(expires_at, int | float) or now > expires_at:
             raise InvalidState("state expired")
         if bound_uri != redirect_uri:
             raise InvalidState("state was issued for another redirect URI")
-        if not isinstance(customer, str) or not isinstance(nonce, str):
+        if not isinstance(customer, str) or not isinstance(nonce, str) or \
+                not isinstance(login_host, str):
             raise InvalidState("malformed state")
-        return State(customer, bound_uri, nonce, float(expires_at))
+        return State(customer, bound_uri, nonce, float(expires_at), login_host)
 
     def _forget_expired(self, now: float) -> None:
         if len(self._used) > 1000:

@@ -406,3 +406,40 @@ async def test_every_mac_is_compared_in_constant_time(emulator: Emulator, app_cl
                               data={"csrf_token": token})
     assert r.status == 303
     assert token.encode() in compared
+
+
+async def test_a_customer_authorizes_at_the_login_host_the_app_chooses(emulator: Emulator, http):
+    """A sandbox switch: the flow starts at another login host (a second emulator here),
+    the code is exchanged there, and the grant is refreshed there; a host outside the
+    policy is refused before the browser goes anywhere."""
+    sandbox = Emulator()
+    async with sandbox.serve():
+        sandbox.seed("acme", "Account", [{"Name": "a"}])
+        client = await serve(build_app(emulator, login_host=lambda request: {
+            "sandbox": str(sandbox.base_url), "evil": "https://evil.example",
+        }.get(request.query.get("host", ""))))
+        try:
+            r = await client.get("/salesforce/connect?customer=acme&host=evil",
+                                 allow_redirects=False)
+            assert r.status == 400
+            assert "login host is not allowed" in await r.text()
+            r = await client.get("/salesforce/connect?customer=acme&login_hint=acme&host=sandbox",
+                                 allow_redirects=False)
+            assert r.status == 302
+            assert r.headers["Location"].startswith(str(sandbox.base_url))
+            async with http.get(r.headers["Location"], allow_redirects=False) as approved:
+                callback = urlsplit(approved.headers["Location"])
+            r = await client.get(f"{callback.path}?{callback.query}", allow_redirects=False)
+            assert r.status == 302
+            manager = client.server.app[sfrtr_aiohttp.MANAGER]
+            state = await manager.store.read("acme")
+            assert state is not None
+            assert state.record.token_host == str(sandbox.base_url)
+            sandbox.expire_sessions("acme")
+            r = await client.get("/accounts?customer=acme")
+            assert (r.status, await r.json()) == (200, {"count": 1})
+            assert sandbox.ledger["redemptions"] == 1
+            assert emulator.ledger["redemptions"] == 0
+            assert emulator.ledger["code_exchanges"] == 0
+        finally:
+            await client.close()
