@@ -10,6 +10,9 @@ once), ``/accounts?customer=acme`` (a query through sfrtr).
 ``--sqlite PATH`` keeps the tokens in a SQLite file that several copies of this
 app (several worker processes) share; ``--redirect-uri URL`` is the public
 callback URL when they sit behind one load balancer.
+
+The app is told of each grant's transitions once across its workers (sfrtr's
+hooks): here they are logged for the admin (``tell_admin``; swap in your mailer).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import html
+import logging
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
@@ -26,6 +30,19 @@ from aiohttp import web
 import sfrtr
 import sfrtr.aiohttp as sfrtr_aiohttp
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Emulator
+
+admin_log = logging.getLogger("example.admin")
+
+
+async def tell_admin(customer: str, reason: str) -> None:
+    """The customer must authorize the app again: one message per lost grant, sent by
+    the one worker that found out (in a real app: an email, a ticket, a webhook)."""
+    admin_log.warning("customer %s must re-authorize the Salesforce app: %s", customer, reason)
+
+
+def at_risk(customer: str, reason: str) -> None:
+    admin_log.info("customer %s: a refresh has an unknown outcome, recovering: %s",
+                   customer, reason)
 
 
 def _customer(request: web.Request) -> str:
@@ -54,6 +71,11 @@ async def accounts(request: web.Request) -> web.Response:
         page = await salesforce.query("SELECT Id, Name FROM Account ORDER BY Name")
     except sfrtr.NotConnected:
         raise web.HTTPFound(f"/?customer={quote(customer)}") from None
+    except sfrtr.ReauthorizationRequired:
+        # The grant is dead (revoked, expired): the customer must connect again.
+        return web.Response(status=409, content_type="text/html", text=(
+            f"<h1>{html.escape(customer)} must connect again</h1>"
+            f'<p><a href="/salesforce/connect?customer={quote(customer)}">Connect</a></p>'))
     rows = "".join(f"<li>{html.escape(str(r['Name']))}</li>" for r in page.records)
     return web.Response(content_type="text/html", text=(
         f"<h1>{page.total_size} accounts</h1><ul>{rows}</ul>"
@@ -73,7 +95,8 @@ def build_app(emulator_url: str, *, sqlite: str | None = None,
         store_factory=(lambda: sfrtr.SqliteStore(sqlite)) if sqlite else sfrtr.MemoryStore,
         redirect_uri=redirect_uri,
         success_url=lambda customer: f"/accounts?customer={quote(customer)}",
-        disconnected_url=lambda customer: f"/?customer={quote(customer)}")
+        disconnected_url=lambda customer: f"/?customer={quote(customer)}",
+        hooks=sfrtr.Hooks(on_reauth_required=tell_admin, on_lockout_risk=at_risk))
     app.router.add_get("/", index)
     app.router.add_get("/accounts", accounts)
     return app
@@ -117,6 +140,7 @@ if __name__ == "__main__":
     parser.add_argument("--sqlite", help="SQLite file shared by several app processes")
     parser.add_argument("--redirect-uri", help="the public callback URL (behind a proxy)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main(args.port, emulator_url=args.emulator, sqlite=args.sqlite,
                          redirect_uri=args.redirect_uri))

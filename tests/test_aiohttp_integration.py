@@ -5,6 +5,7 @@ against the emulator."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
@@ -443,3 +444,29 @@ async def test_a_customer_authorizes_at_the_login_host_the_app_chooses(emulator:
             assert emulator.ledger["code_exchanges"] == 0
         finally:
             await client.close()
+
+
+async def test_the_example_tells_the_admin_once_when_a_grant_dies(
+        emulator: Emulator, http, caplog: pytest.LogCaptureFixture):
+    example = load_example()
+    emulator.seed("globex", "Account", [{"Name": "Globex"}])
+    client = TestClient(TestServer(example.build_app(str(emulator.base_url))))
+    await client.start_server()
+    try:
+        callback = await authorize(client, http, "globex")
+        await client.get(callback, allow_redirects=False)
+        # The customer's admin revokes the app in Salesforce; the session expires.
+        for family in emulator.world.families.values():
+            emulator.world.revoke_family(family)
+        emulator.expire_sessions("globex")
+        with caplog.at_level(logging.INFO, logger="example.admin"):
+            for _ in range(3):  # three requests find out; the admin hears it once
+                r = await client.get("/accounts?customer=globex")
+                assert r.status == 409
+                assert "globex must connect again" in await r.text()
+            await client.server.app[sfrtr_aiohttp.MANAGER].hooks.drain()
+        told = [r for r in caplog.records if r.name == "example.admin"]
+        assert len(told) == 1
+        assert "globex must re-authorize" in told[0].getMessage()
+    finally:
+        await client.close()
