@@ -54,6 +54,11 @@ class Hooks:
     def lockout_risk(self, customer: str, reason: str) -> None:
         self._fire("on_lockout_risk", self.on_lockout_risk, customer, reason)
 
+    @property
+    def running(self) -> bool:
+        """Whether a hook call is still running."""
+        return bool(self._running)
+
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait up to ``timeout`` seconds for hook calls still running; cancel the rest."""
         if not self._running:

@@ -247,6 +247,8 @@ class TokenManager:
         self.hooks = hooks or Hooks()
         self.observer: Observer | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._risks_told: dict[str, None] = {}
+        """Orphaned intents this worker reported as a lockout risk (oldest first)."""
         """Telemetry (see :func:`sfrtr.telemetry.instrument`); ``None``: none at all."""
         self._check_timing()
         self.stats = ManagerStats()
@@ -268,7 +270,8 @@ class TokenManager:
         worker first presented it), to judge the window without any wall clock."""
         self._background: set[asyncio.Task[object]] = set()
         self._retries: dict[str, asyncio.TimerHandle] = {}
-        self._settlers: set[asyncio.TimerHandle] = set()
+        self._settlers: dict[str, asyncio.TimerHandle] = {}
+        """Customer -> the one pending timer that looks at its unknown outcome again."""
         self._unsettled: set[str] = set()
         self._grants: dict[str, int] = {}
         """Customer -> grants stored or deleted by this process (see _Section.grants)."""
@@ -438,12 +441,24 @@ class TokenManager:
 
     def _settle_later(self, customer: str, delay: float) -> None:
         """Drive an unknown outcome this worker left to its end, even if no caller
-        comes back for the customer (every cache may still hold a fresh token)."""
+        comes back for the customer (every cache may still hold a fresh token).
+
+        One timer per customer, the earliest asked for: every failed round asks for
+        another look, and a timer per ask grew without bound through a long outage
+        (each firing asking again while a flight ran)."""
         self._unsettled.add(customer)
         loop = asyncio.get_running_loop()
-        # Only pending timers are kept (aclose cancels them): the set stays small.
-        self._settlers = {t for t in self._settlers if t.when() > loop.time()}
-        self._settlers.add(loop.call_later(delay, self._refresh_in_background, customer))
+        when = loop.time() + delay
+        pending = self._settlers.get(customer)
+        if pending is not None and not pending.cancelled() and pending.when() > loop.time():
+            if pending.when() <= when:
+                return  # an earlier look is already due
+            pending.cancel()
+        self._settlers[customer] = loop.call_at(when, self._settle_now, customer)
+
+    def _settle_now(self, customer: str) -> None:
+        self._settlers.pop(customer, None)
+        self._refresh_in_background(customer)
 
     def _retry_unstored(self, customer: str) -> None:
         """After a failure, own unfinished business is retried in the background until
@@ -565,8 +580,14 @@ class TokenManager:
         if self._keeper is not None:
             self._keeper.cancel()
             await asyncio.wait({self._keeper})  # a refresh it started finishes below
-        await self.wait_idle()
-        for timer in [*self._settlers, *self._retries.values()]:
+        # A hook may start a refresh (and a refresh fires hooks): wait for both until
+        # neither has anything running, so no section is cut off by the store closing.
+        for _ in range(10):
+            await self.wait_idle()
+            if not self.hooks.running:
+                break
+            await self.hooks.drain()
+        for timer in [*self._settlers.values(), *self._retries.values()]:
             timer.cancel()
         for entry in self._cache.values():
             entry.retire()  # releases the hot-path timers; a later call reads the clock
@@ -576,7 +597,6 @@ class TokenManager:
                           "they are lost (refresh %s)", customer,
                           section.result.refresh_token.fingerprint,
                           extra=self._fields(customer, section.result.refresh_token))
-        await self.hooks.drain()
         await self.store.aclose()
         for app in self.apps.values():
             await app.aclose()
@@ -1087,9 +1107,14 @@ class TokenManager:
         """We hold the lock over an orphaned intent or an indeterminate outcome, and
         no request presented under it can still be in flight."""
         self.stats.recoveries += 1
-        if orphan.status is Status.REFRESHING:
+        told = orphan.intent.id if orphan.intent is not None else ""
+        if orphan.status is Status.REFRESHING and told not in self._risks_told:
             # A holder vanished mid-refresh and told nobody: this worker is the first
-            # to know. (An indeterminate record was reported by the worker that wrote it.)
+            # to know (an indeterminate record was reported by the worker that wrote
+            # it); once per orphaned intent, however many rounds its recovery takes.
+            self._risks_told[told] = None
+            while len(self._risks_told) > 1000:
+                del self._risks_told[next(iter(self._risks_told))]
             self.hooks.lockout_risk(customer, "a refresh by worker "
                                     f"{orphan.intent.worker if orphan.intent else 'unknown'} "
                                     "was interrupted; recovering it")
@@ -1214,6 +1239,9 @@ class TokenManager:
         if committed is None:
             return  # the record moved on: plan again
         self.stats.reclaimed += 1
+        if section is not None and target is section.result and \
+                target.status is Status.VALID:
+            self.hooks.refreshed(customer, target.generation)  # stored by this reclaim
         if target.status is Status.REAUTH_REQUIRED:
             self.hooks.reauth_required(customer, target.reason)
         elif target.status is Status.INDETERMINATE:

@@ -52,15 +52,14 @@ async def attacker() -> AsyncIterator[Emulator]:
 
 def _pending_settle_timers(manager: TokenManager) -> int:
     loop = asyncio.get_running_loop()
-    return sum(1 for t in manager._settlers if not t.cancelled() and t.when() > loop.time())
+    return sum(1 for t in manager._settlers.values()
+               if not t.cancelled() and t.when() > loop.time())
 
 
 # -- findings (xfail until fixed) --------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review: every failed settle round adds a settle timer "
-                   "per customer (_settle_later never dedupes; _refresh_in_background re-arms "
-                   "while a flight runs): timers grow linearly during a provider outage")
+# Found by review; fixed.
 async def test_settle_timers_stay_bounded_while_an_unknown_outcome_cannot_settle(
         emulator: Emulator, monkeypatch: pytest.MonkeyPatch):
     # The retry delay shortened so rounds come fast; the growth does not depend on it.
@@ -88,9 +87,7 @@ async def test_settle_timers_stay_bounded_while_an_unknown_outcome_cannot_settle
         await manager.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason="review: aclose drains hooks after wait_idle, so a "
-                   "refresh a hook starts while draining is still running when aclose closes "
-                   "the store: its rotated token is lost and the record stays an orphan")
+# Found by review; fixed.
 async def test_aclose_lets_a_refresh_started_by_a_hook_finish(emulator: Emulator,
                                                              tmp_path: Path):
     path = tmp_path / "tokens.db"
@@ -137,9 +134,7 @@ async def test_aclose_lets_a_refresh_started_by_a_hook_finish(emulator: Emulator
         await reader.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason="review: the sealer's associated data binds the "
-                   "instance URL but not token_host/client_id, so a record edited in the "
-                   "clear sends its refresh token and the app's secret to another login host")
+# Found by review; fixed.
 async def test_a_sealed_record_pointed_at_another_login_host_does_not_open(
         emulator: Emulator, attacker: Emulator, tmp_path: Path):
     path = tmp_path / "tokens.db"
@@ -174,9 +169,7 @@ async def test_a_sealed_record_pointed_at_another_login_host_does_not_open(
         await second.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason="review: _reclaim stores the rotated tokens of a "
-                   "section that outlived the store's patience without calling on_refreshed "
-                   "(only _store_new and _take_rescue call it)")
+# Found by review; fixed.
 async def test_a_rotation_stored_by_a_reclaim_calls_on_refreshed(emulator: Emulator,
                                                                 tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch):

@@ -223,9 +223,16 @@ class Sealer:
         return self._ring
 
     @staticmethod
-    def _aad(namespace: str, customer: str, key_id: str, instance_url: Any) -> bytes:
-        return b"\0".join([b"sfrtr-seal-v1", namespace.encode(), customer.encode(),
-                           key_id.encode(), str(instance_url).encode()])
+    def _aad(namespace: str, customer: str, key_id: str, data: dict[str, Any]) -> bytes:
+        parts = [b"sfrtr-seal-v1", namespace.encode(), customer.encode(), key_id.encode(),
+                 str(data.get("instance_url")).encode()]
+        # Where the tokens are sent (the grant's login host and app) is bound too, but
+        # only when recorded: records sealed before grants remembered them still open,
+        # and adding, changing or dropping either field makes the record not open.
+        for name in ("token_host", "client_id"):
+            if data.get(name):
+                parts.append(f"{name}={data[name]}".encode())
+        return b"\0".join(parts)
 
     def seal(self, namespace: str, customer: str, data: dict[str, Any]) -> dict[str, Any]:
         """``data`` (a record's dict) with its tokens replaced by a ``sealed`` field."""
@@ -236,7 +243,7 @@ class Sealer:
         plain = orjson.dumps([data[name] for name in _SECRET_FIELDS])
         nonce = secrets.token_bytes(_NONCE)
         box = cipher.encrypt(nonce, plain,
-                             self._aad(namespace, customer, key_id, data.get("instance_url")))
+                             self._aad(namespace, customer, key_id, data))
         out = {k: v for k, v in data.items() if k not in _SECRET_FIELDS}
         out["sealed"] = f"{_VERSION}.{key_id}.{base64.b64encode(nonce + box).decode()}"
         return out
@@ -259,8 +266,7 @@ class Sealer:
                 f"is not in the key ring (ids {self.ring.ids}): add that key back")
         try:
             plain = cipher.decrypt(blob[:_NONCE], blob[_NONCE:],
-                                   self._aad(namespace, customer, key_id,
-                                             data.get("instance_url")))
+                                   self._aad(namespace, customer, key_id, data))
             tokens = orjson.loads(plain)
         except (InvalidTag, orjson.JSONDecodeError, ValueError):
             raise SealingError(

@@ -458,7 +458,8 @@ class World:
                 await asyncio.wait(idle, timeout=bound)
             managers = [w.manager for w in self.alive()]
             due = [t.when() for m in managers
-                   for t in (*getattr(m, "_settlers", ()), *getattr(m, "_retries", {}).values())
+                   for t in (*getattr(m, "_settlers", {}).values(),
+                             *getattr(m, "_retries", {}).values())
                    if not t.cancelled()]
             due = [when for when in due if when >= self.loop.time()]
             if not due:
