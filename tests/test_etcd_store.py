@@ -97,7 +97,10 @@ async def test_lock_dies_with_the_lease_and_wakes_waiters(etcd_server, etcd_stor
     acquired = await holder.acquire("acme", v0.version, INTENT)
     await asyncio.sleep(0.1)
     assert (await etcd_store.read("acme")).locked
-    await holder.client.revoke(holder.lease_id)  # as if the process died
+    # As if the process died: the lease the lock is bound to goes (read from the lock
+    # key: on a loaded machine the holder's keepalive may have re-granted its lease).
+    _, lock = await holder.client.range(holder._lock("acme"))
+    await holder.client.revoke(lock[0].lease)
     changed = await etcd_store.wait_for_change("acme", acquired.version, 5)
     assert changed is not None
     assert not changed.locked
