@@ -31,6 +31,7 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import secrets
 import socket
 import time
@@ -248,6 +249,10 @@ class TokenManager:
         self.observer: Observer | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._risks_told: dict[str, None] = {}
+        # Spread simultaneous acquires only where a second look is free (a local mirror).
+        self._spread = self.policy.acquire_spread if getattr(self.store, "local_reads", False) \
+            else 0.0
+        self._spread_rng = random.Random(self.worker_id)  # replayable in the simulation
         """Orphaned intents this worker reported as a lockout risk (oldest first)."""
         """Telemetry (see :func:`sfrtr.telemetry.instrument`); ``None``: none at all."""
         self._check_timing()
@@ -270,8 +275,9 @@ class TokenManager:
         worker first presented it), to judge the window without any wall clock."""
         self._background: set[asyncio.Task[object]] = set()
         self._retries: dict[str, asyncio.TimerHandle] = {}
-        self._settlers: dict[str, asyncio.TimerHandle] = {}
-        """Customer -> the one pending timer that looks at its unknown outcome again."""
+        self._settlers: dict[tuple[str, bool], asyncio.TimerHandle] = {}
+        """(customer, a retry?) -> the pending timer that looks at its unknown outcome
+        again: at most one retry and one end-of-grace look per customer."""
         self._unsettled: set[str] = set()
         self._grants: dict[str, int] = {}
         """Customer -> grants stored or deleted by this process (see _Section.grants)."""
@@ -443,22 +449,25 @@ class TokenManager:
         """Drive an unknown outcome this worker left to its end, even if no caller
         comes back for the customer (every cache may still hold a fresh token).
 
-        One timer per customer, the earliest asked for: every failed round asks for
-        another look, and a timer per ask grew without bound through a long outage
-        (each firing asking again while a flight ran)."""
+        At most two timers per customer: a retry (the earliest asked for) and a look
+        when a grace ends (the latest asked for: the time the outcome can first be
+        settled). A timer per ask grew without bound through a long outage (each
+        firing asking again while a flight ran); one per customer lost the end-of-
+        grace look behind an earlier retry (sim seed 175424400)."""
         self._unsettled.add(customer)
         loop = asyncio.get_running_loop()
         when = loop.time() + delay
-        pending = self._settlers.get(customer)
+        key = (customer, delay <= _STORE_RETRY_DELAY)
+        pending = self._settlers.get(key)
         if pending is not None and not pending.cancelled() and pending.when() > loop.time():
-            if pending.when() <= when:
-                return  # an earlier look is already due
+            if key[1] and pending.when() <= when:
+                return  # an earlier retry is already due
             pending.cancel()
-        self._settlers[customer] = loop.call_at(when, self._settle_now, customer)
+        self._settlers[key] = loop.call_at(when, self._settle_now, key)
 
-    def _settle_now(self, customer: str) -> None:
-        self._settlers.pop(customer, None)
-        self._refresh_in_background(customer)
+    def _settle_now(self, key: tuple[str, bool]) -> None:
+        self._settlers.pop(key, None)
+        self._refresh_in_background(key[0])
 
     def _retry_unstored(self, customer: str) -> None:
         """After a failure, own unfinished business is retried in the background until
@@ -671,6 +680,7 @@ class TokenManager:
 
     async def _flight(self, customer: str, stale: str | None) -> _Entry:
         deadline = _monotonic() + self.policy.wait_timeout
+        spread = self._spread
         while True:
             prior = self._sections.get(customer)
             if prior is not None:  # left running by a flight that was cancelled
@@ -717,6 +727,13 @@ class TokenManager:
                 if left > 0:
                     await self._wait(customer, current, deadline, cap=left)
                     continue
+            if spread and isinstance(step, protocol.Redeem):
+                # Other processes may want this customer at this very moment: a short
+                # random pause lets the first one's lock reach this mirror, so this
+                # worker waits on it instead of sending an acquire that cannot win.
+                await asyncio.sleep(self._spread_rng.random() * spread)
+                spread = 0.0
+                continue
             entry = await self._run_section(customer, step, current)
             if entry is not None:
                 return entry
@@ -934,7 +951,7 @@ class TokenManager:
         if self.policy.recovery == "reuse_window" and not retry:
             # This worker presents the token first: the window cannot open earlier.
             self._presented[customer] = (fp, _monotonic())
-        sent = time.time()
+        sent = self._clock.local()
         budget = functools.partial(self._budget, section, window_end)
         observer = self.observer
         if observer is None:
@@ -953,7 +970,7 @@ class TokenManager:
         self.stats.redemptions += 1
         if outcome.kind is OutcomeKind.OK:
             assert outcome.grant is not None
-            self._clock.learn(sent, time.time(), outcome.grant.issued_at)
+            self._clock.learn(sent, self._clock.local(), outcome.grant.issued_at)
             record = protocol.refreshed_record(held, outcome.grant,
                                                lifetime=self.policy.session_lifetime)
             section.result = record

@@ -1,12 +1,19 @@
 """The provider's clock as this process can bound it, from the answers it got.
 
 Salesforce stamps each token answer with ``issued_at``. A request sent at
-local wall time ``s`` and answered by local time ``r`` says that the local
-clock minus the provider's lies in ``[s - issued_at, r - issued_at]``: the
-lower bound is exact up to the uplink and processing time, the upper bound
-up to the downlink and anything that delayed reading the answer (a paused or
-starved process). Each answer narrows the interval; an answer outside it
-(the local clock stepped) starts it again.
+local time ``s`` and answered by local time ``r`` says that the local clock
+minus the provider's lies in ``[s - issued_at, r - issued_at]``: the lower
+bound is exact up to the uplink and processing time, the upper bound up to the
+downlink and anything that delayed reading the answer (a paused or starved
+process). Each answer narrows the interval.
+
+The local clock here is the *monotonic* one, never the wall clock: a wall clock
+that steps (NTP, an operator, a VM restored) after an answer was learnt would
+shift every estimate by the step, and a start time written for other workers to
+judge a reuse window by would be off by as much (the simulation found exactly
+that: a worker whose wall clock jumped wrote an intent that looked younger than
+it was, and another presented its token again outside the window). Before the
+first answer there is no offset to apply, and the wall clock stands in.
 
 Which end to use depends on what is at stake: expiry estimates use the
 middle; a reuse window must be judged with the provider's clock as *late* as
@@ -20,7 +27,7 @@ import time
 
 
 class ProviderClock:
-    """Bounds on (local wall clock - provider clock), seconds."""
+    """Bounds on (local monotonic clock - provider clock), seconds."""
 
     __slots__ = ("high", "low")
 
@@ -32,12 +39,18 @@ class ProviderClock:
     def known(self) -> bool:
         return self.low is not None
 
+    @staticmethod
+    def local() -> float:
+        """The local clock answers are timed with (``learn``'s ``sent``/``received``)."""
+        return time.monotonic()
+
     def learn(self, sent: float, received: float, issued_at: float) -> None:
-        """One answer: sent at local ``sent``, read at local ``received``, stamped
-        ``issued_at`` by the provider (all epoch seconds)."""
+        """One answer: sent at local (monotonic) ``sent``, read at ``received``, stamped
+        ``issued_at`` by the provider (epoch seconds)."""
         low, high = sent - issued_at, received - issued_at
         if self.low is None or self.high is None or low > self.high or high < self.low:
-            self.low, self.high = low, high  # first sample, or the local clock stepped
+            # First sample, or the provider's clock stepped (the bounds disagree).
+            self.low, self.high = low, high
         else:
             self.low, self.high = max(self.low, low), min(self.high, high)
 
@@ -45,12 +58,16 @@ class ProviderClock:
         """The best estimate of the provider's time (for expiry)."""
         if self.low is None or self.high is None:
             return time.time()
-        return time.time() - (self.low + self.high) / 2
+        return time.monotonic() - (self.low + self.high) / 2
 
     def latest(self) -> float:
         """The provider's time as late as it can be (ages as long as they can be)."""
-        return time.time() - (self.low if self.low is not None else 0.0)
+        if self.low is None:
+            return time.time()
+        return time.monotonic() - self.low
 
     def earliest(self) -> float:
         """The provider's time as early as it can be (starts as early as they can be)."""
-        return time.time() - (self.high if self.high is not None else 0.0)
+        if self.high is None:
+            return time.time()
+        return time.monotonic() - self.high

@@ -50,7 +50,7 @@ def test_schedules() -> None:
 #: docs/simulation.md for what each found).
 REGRESSION_SEEDS = [47, 666, 909, 1052, 1695, 1803, 1825, 1858, 2226, 2400, 2530, 2844,
                     4391, 6073, 8117, 10886, 25074, 25665, 100668, 102141, 201677, 302383,
-                    492447364, 740196656, 87467838]
+                    492447364, 740196656, 87467838, 289850311, 175424400]
 
 
 @pytest.mark.parametrize("mirror", ["namespace", "served"])
