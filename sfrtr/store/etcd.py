@@ -131,6 +131,10 @@ class EtcdStore:
     (:mod:`sfrtr.store.sealing`; the namespace is the associated data's).
     """
 
+    local_reads = True
+    """Reads come from the watch-fed mirror: looking again costs no round trip (the
+    manager spreads simultaneous acquires on such stores: ``acquire_spread``)."""
+
     def __init__(self, settings: EtcdSettings | None = None, *, namespace: str = "sfrtr",
                  lease_ttl: int = 30, page_size: int = 5000, mirror: Mirror = "namespace",
                  idle_after: float = 600.0, sealer: Sealer | None = None) -> None:

@@ -92,6 +92,8 @@ class Config:
     ``served`` (read each customer on first use, watch its keys, drop it when idle)."""
     idle_after: float = 600.0
     """``EtcdStore(idle_after=...)``: a served customer unused this long is dropped."""
+    acquire_spread: float = 0.0
+    """``RefreshPolicy.acquire_spread``: a random pause before an acquire, then a look."""
 
     def exchange_limit(self) -> float:
         """The client's longest token request, graces included (``OAuthConfig``'s)."""
@@ -259,6 +261,13 @@ def draw_mirror(rng: random.Random, config: Config) -> Config:
     return replace(config, mirror="served", idle_after=rng.choice([5.0, 10.0, 20.0, 60.0]))
 
 
+def draw_spread(rng: random.Random, config: Config) -> Config:
+    """A third of the plans spread their acquires (up to 20 ms, 100 ms or 2 s)."""
+    if rng.random() < 2 / 3:
+        return config
+    return replace(config, acquire_spread=rng.choice([0.02, 0.1, 2.0]))
+
+
 def draw_plan(seed: int) -> Plan:
     rng = random.Random(f"plan:{seed}")
     config = draw_config(rng)
@@ -268,5 +277,6 @@ def draw_plan(seed: int) -> Plan:
     faults += draw_extra_faults(extra, config)
     # A stream of its own: the plans above, and the regression seeds, stay as they were.
     config = draw_mirror(random.Random(f"plan-mirror:{seed}"), config)
+    config = draw_spread(random.Random(f"plan-spread:{seed}"), config)
     faults.sort(key=lambda f: (f.at, f.kind, f.target))
     return Plan(config, faults)

@@ -158,8 +158,11 @@ class World:
             background_refresh=cfg.background_refresh, wait_timeout=cfg.wait_timeout,
             recovery=cfg.recovery, busy_backoff=cfg.busy_backoff,
             refused_backoff=cfg.refused_backoff)
-        if "reuse_window" in {f.name for f in dataclasses.fields(RefreshPolicy)}:
+        fields = {f.name for f in dataclasses.fields(RefreshPolicy)}
+        if "reuse_window" in fields:
             options["reuse_window"] = cfg.reuse_window  # the policy learnt the window
+        if "acquire_spread" in fields:
+            options["acquire_spread"] = cfg.acquire_spread
         policy = RefreshPolicy(**options)
         manager = TokenManager(oauth, store, policy, worker_id=name)
         return Worker(name, manager, store, client, oauth)
