@@ -23,8 +23,8 @@ from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings
 from sfrtr.store.etcd_launcher import LocalEtcd, LocalEtcdCluster, find_production_etcd
 
-# The shared proof harness asserts too: show its values when it fails.
-pytest.register_assert_rewrite("tests.storm_proof")
+# Shared test helpers assert too: show their values when they fail.
+pytest.register_assert_rewrite("tests.storm_proof", "tests.once_stores")
 
 
 @pytest.fixture(scope="session")

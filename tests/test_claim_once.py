@@ -8,48 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import pytest
 
-from sfrtr import MemoryStore, SqliteStore, StoreError
+from sfrtr import StoreError
 from sfrtr.store.base import OnceStore
 from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings
-from sfrtr.store.postgres import PostgresStore
+from tests.once_stores import STORES, make_store
 
 pytestmark = pytest.mark.anyio
-pytest_plugins = ["tests.postgres_server"]
+pytest_plugins = ["tests.postgres_server", "tests.once_stores"]  # the pair fixture
 
-STORES = ["memory", "sqlite", "postgres", "etcd"]
-Make = Callable[[], OnceStore]
-
-
-def _maker(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> Make:
-    if kind == "memory":
-        only = MemoryStore()
-        return lambda: only
-    if kind == "sqlite":
-        return lambda: SqliteStore(tmp_path / "tokens.db")
-    if kind == "postgres":
-        dsn = request.getfixturevalue("postgres_server").dsn
-        schema = request.getfixturevalue("pg_schema")
-        return lambda: PostgresStore(dsn, schema=schema, lease_ttl=3, pool_size=2)
-    server = request.getfixturevalue("etcd_server")
-    namespace = request.getfixturevalue("namespace")
-    return lambda: EtcdStore(EtcdSettings(endpoints=[server.endpoint]), namespace=namespace,
-                             lease_ttl=3)
-
-
-@pytest.fixture(params=STORES)
-async def pair(request: pytest.FixtureRequest,
-               tmp_path: Path) -> AsyncIterator[tuple[str, OnceStore, OnceStore]]:
-    make = _maker(request, tmp_path, request.param)
-    first, second = make(), make()
-    yield request.param, first, second
-    for store in {id(first): first, id(second): second}.values():
-        await store.aclose()  # type: ignore[attr-defined]
 
 
 async def test_a_key_is_claimed_once_across_processes(pair):
@@ -84,7 +54,7 @@ async def test_an_expired_claim_can_be_made_again(pair):
 
 @pytest.mark.parametrize("kind", STORES)
 async def test_async_with_starts_and_closes(request, tmp_path, kind):
-    make = _maker(request, tmp_path, kind)
+    make = make_store(request, tmp_path, kind)
     async with make() as store:  # type: ignore[attr-defined]
         assert await store.read("nobody") is None
         assert await store.claim_once("k", 60) is True

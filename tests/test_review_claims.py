@@ -11,49 +11,19 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sys
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from benchmarks.etcd_proxy import EtcdProxy
-from sfrtr import MemoryStore, SqliteStore, StoreError
-from sfrtr.store.base import OnceStore
+from sfrtr import StoreError
 from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import EtcdSettings
 from sfrtr.store.etcd_launcher import LocalEtcd
-from sfrtr.store.postgres import PostgresStore
+from tests.once_stores import make_store
 
 pytestmark = pytest.mark.anyio
-pytest_plugins = ["tests.postgres_server"]
-
-STORES = ["memory", "sqlite", "postgres", "etcd"]
-
-
-def _maker(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> Callable[[], OnceStore]:
-    if kind == "memory":
-        only = MemoryStore()
-        return lambda: only
-    if kind == "sqlite":
-        return lambda: SqliteStore(tmp_path / "tokens.db")
-    if kind == "postgres":
-        dsn = request.getfixturevalue("postgres_server").dsn
-        schema = request.getfixturevalue("pg_schema")
-        return lambda: PostgresStore(dsn, schema=schema, lease_ttl=3, pool_size=2)
-    server = request.getfixturevalue("etcd_server")
-    namespace = request.getfixturevalue("namespace")
-    return lambda: EtcdStore(EtcdSettings(endpoints=[server.endpoint]), namespace=namespace,
-                             lease_ttl=3)
-
-
-@pytest.fixture(params=STORES)
-async def pair(request: pytest.FixtureRequest,
-               tmp_path: Path) -> AsyncIterator[tuple[str, OnceStore, OnceStore]]:
-    make = _maker(request, tmp_path, request.param)
-    first, second = make(), make()
-    yield request.param, first, second
-    for store in {id(first): first, id(second): second}.values():
-        await store.aclose()  # type: ignore[attr-defined]
+pytest_plugins = ["tests.postgres_server", "tests.once_stores"]  # the pair fixture
 
 
 ESCAPES = ["a/b", "a%2Fb", "a%252Fb", "a b", "a+b", "ü/ß/東京", "tok/acme", "../once/x", ""]
@@ -81,7 +51,7 @@ async def test_a_claim_key_never_touches_a_token_record(pair):
     "postgres"])
 async def test_a_very_long_key_is_claimed_once(request: pytest.FixtureRequest,
                                                tmp_path: Path, kind: str):
-    make = _maker(request, tmp_path, kind)
+    make = make_store(request, tmp_path, kind)
     first, second = make(), make()
     key = "state/" + secrets.token_urlsafe(6000)
     try:
