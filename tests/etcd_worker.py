@@ -199,7 +199,9 @@ def report_result(result: dict[str, Any], monitor: LoopStallMonitor, reporter: a
     say(orjson.dumps(result).decode())
 
 
-async def main(args: argparse.Namespace) -> None:
+def begin() -> tuple[LoopStallMonitor, asyncio.Task[None], asyncio.Event]:
+    """What every worker does first (in its loop): logs if asked, the stall monitor and
+    its reporter, and an event SIGTERM sets to end a storm early."""
     if log_dir := os.environ.get("SFRTR_WORKER_LOG_DIR"):  # for debugging fault runs
         logging.basicConfig(filename=f"{log_dir}/worker-{os.getpid()}.log", level=logging.INFO,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -208,6 +210,11 @@ async def main(args: argparse.Namespace) -> None:
     reporter = asyncio.create_task(report_stalls(monitor))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    return monitor, reporter, stop
+
+
+async def main(args: argparse.Namespace) -> None:
+    monitor, reporter, stop = begin()
     manager = build(args)
     store = manager.store
     assert isinstance(store, EtcdStore)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -24,13 +22,12 @@ from sfrtr import (
     TokenManager,
 )
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
-from sfrtr.loop_stall import LoopStallMonitor
 from sfrtr.store.postgres import PostgresStore
 from tests.etcd_worker import (
     HookedOAuth,
+    begin,
     production_config,
     report_result,
-    report_stalls,
     run_mode,
     say,
 )
@@ -67,15 +64,8 @@ def build(args: argparse.Namespace) -> TokenManager:
 
 
 async def main(args: argparse.Namespace) -> None:
-    if log_dir := os.environ.get("SFRTR_WORKER_LOG_DIR"):  # for debugging fault runs
-        logging.basicConfig(filename=f"{log_dir}/worker-{os.getpid()}.log", level=logging.INFO,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    monitor = LoopStallMonitor()
-    monitor.start()
-    reporter = asyncio.create_task(report_stalls(monitor))
-    stop = asyncio.Event()
+    monitor, reporter, stop = begin()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
     manager = build(args)
     oauth = manager.oauth
     assert isinstance(oauth, PausingOAuth)

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
-import signal
 import time
 
 from sfrtr import (
@@ -23,12 +20,11 @@ from sfrtr import (
     TokenManager,
 )
 from sfrtr.emulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
-from sfrtr.loop_stall import LoopStallMonitor
 from tests.etcd_worker import (
     HookedOAuth,
+    begin,
     production_config,
     report_result,
-    report_stalls,
     run_mode,
     say,
 )
@@ -50,14 +46,7 @@ def build(args: argparse.Namespace) -> TokenManager:
 
 
 async def main(args: argparse.Namespace) -> None:
-    if log_dir := os.environ.get("SFRTR_WORKER_LOG_DIR"):  # for debugging fault runs
-        logging.basicConfig(filename=f"{log_dir}/worker-{os.getpid()}.log", level=logging.INFO,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    monitor = LoopStallMonitor()
-    monitor.start()
-    reporter = asyncio.create_task(report_stalls(monitor))
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    monitor, reporter, stop = begin()
     manager = build(args)
     store = manager.store
     assert isinstance(store, SqliteStore)
