@@ -702,7 +702,11 @@ class EtcdModel:
         self.trace(None, f"etcd: compacted at {revision}")
 
     def open_watch(self, worker: str, prefix: bytes, end: bytes, start: int) -> _Watcher:
-        w = _Watcher(worker, prefix, end, self.loop, caught_up=self.on_caught_up)
+        # Only a watch over the records and locks (the namespace mirror's) vouches
+        # for the mirror when it catches up; a narrower one (the member list) does not.
+        covers = prefix <= b"sim/lock/" and end > b"sim/tok/"
+        w = _Watcher(worker, prefix, end, self.loop,
+                     caught_up=self.on_caught_up if covers else None)
         now = self.loop.time()
         lag = self.faults.lag(worker, now)
         if 0 < start <= self.compact_revision:
