@@ -5,6 +5,8 @@ Keys under a namespace ``NS``::
     NS/tok/<customer>            the token record (no lease)
     NS/lock/<customer>           the refresh lock, bound to this process's lease
     NS/rescue/<customer>/<fence> tokens whose commit lost its compare
+    NS/member/<lease>            one per live process, bound to its lease: who
+                                 is first in line to refresh a customer
 
 The record's version is its ``mod_revision``. Acquire (lock + intent) and
 commit (record + unlock) are one Txn each, so an uncontended refresh costs
@@ -69,6 +71,8 @@ log = logging.getLogger(__name__)
 Subscriber = Callable[[str, Versioned | None], None]
 Mirror = Literal["namespace", "served"]
 _KINDS = ("tok", "lock", "rescue")  # a served customer's watchers, by id offset
+_CATCH_UP = 0.25
+"""Longest a served read waits for the second event of a Txn whose first it saw."""
 
 
 @dataclass(slots=True)
@@ -104,6 +108,17 @@ class _Mirror:
 def _encode(record: TokenRecord, sealer: Sealer | None = None, namespace: str = "",
             customer: str = "") -> bytes:
     return orjson.dumps(sealing.encode(sealer, namespace, customer, record))
+
+
+def _member_lease(key: bytes, prefix: bytes) -> int | None:
+    try:
+        return int(key[len(prefix):], 16)
+    except ValueError:
+        return None
+
+
+def _rendezvous(lease: int, customer: bytes) -> bytes:
+    return hashlib.blake2b(customer, digest_size=8, key=lease.to_bytes(8, "big")).digest()
 
 
 def _rescue_fence(key: bytes) -> int | None:
@@ -182,6 +197,8 @@ class EtcdStore:
         self._to_remove: set[int] = set()
         self._send_kick = asyncio.Event()
         self._subscribers: list[Subscriber] = []
+        self._members: set[int] = set()
+        """Leases of the namespace's live processes, as the member watch last said."""
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._start_lock = asyncio.Lock()
@@ -199,6 +216,9 @@ class EtcdStore:
 
     def _rescue_prefix(self, customer: str) -> bytes:
         return self._prefix + b"rescue/" + quote(customer, safe="").encode() + b"/"
+
+    def _member_prefix(self) -> bytes:
+        return self._prefix + b"member/"
 
     def _encode(self, customer: str, record: TokenRecord) -> bytes:
         return _encode(record, self.sealer, self.namespace, customer)
@@ -234,7 +254,8 @@ class EtcdStore:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._keepalive_loop()),
                            loop.create_task(self._watch_task()),
-                           loop.create_task(self._idle_loop())]
+                           loop.create_task(self._idle_loop()),
+                           loop.create_task(self._members_loop())]
             self._started = True
 
     async def _ensure(self) -> None:
@@ -296,6 +317,17 @@ class EtcdStore:
         self._lease_id, self._ttl = lease_id, float(ttl)
         self._lease_deadline = asked + ttl  # timed from the request: never optimistic
         log.info("etcd lease %x granted (ttl %ss)", lease_id, ttl)
+        self._spawn(self._announce(lease_id))  # off the path of the acquire that re-grants
+
+    async def _announce(self, lease_id: int) -> None:
+        """Put this process's member key, bound to its new lease."""
+        try:
+            await self.client.txn([], [put(self._member_prefix() + b"%016x" % lease_id, b"",
+                                           lease=lease_id)])
+        except (StoreError, LeaseLost) as exc:
+            # Only an optimisation is lost: the others do not wait for this process
+            # (their acquires may then race its own and fail a compare).
+            log.info("etcd lease %x: membership not announced (%s)", lease_id, exc)
 
     def _lose_lease(self, why: str) -> None:
         if self._lease_id is not None:
@@ -416,10 +448,14 @@ class EtcdStore:
         fresh load, for the namespace mirror) rather than wait on it."""
         if self._closed or len(self._tasks) < 2:
             return
+        loop = asyncio.get_running_loop()
         self._tasks[1].cancel()
         if self.mirror == "namespace":
             self._synced = False
-        self._tasks[1] = asyncio.get_running_loop().create_task(self._watch_task())
+        self._tasks[1] = loop.create_task(self._watch_task())
+        if len(self._tasks) > 3:
+            self._tasks[3].cancel()
+            self._tasks[3] = loop.create_task(self._members_loop())
 
     def _watch_task(self) -> Coroutine[object, object, None]:
         return self._watch_loop() if self.mirror == "namespace" else self._follow_loop()
@@ -504,6 +540,65 @@ class EtcdStore:
             m.lock_at = revision
             m.locked = event.kind == "put"
         self._wake(customer)
+
+    # -- membership: who is first in line ------------------------------------------
+
+    async def _members_loop(self) -> None:
+        """Follow ``NS/member/``: the leases of the namespace's live processes (each
+        key dies with its process's lease). Its own small watch, whatever the mirror."""
+        prefix = self._member_prefix()
+        while not self._closed:
+            try:
+                revision, kvs = await self.client.range(prefix, prefix=True, keys_only=True)
+                self._members = {lease for kv in kvs
+                                 if (lease := _member_lease(kv.key, prefix)) is not None}
+                async for batch in self.client.watch_prefix(prefix, revision + 1):
+                    if batch.compacted:
+                        break
+                    for event in batch.events:
+                        lease = _member_lease(event.kv.key, prefix)
+                        if lease is None:
+                            continue
+                        if event.kind == "put":
+                            self._members.add(lease)
+                        else:
+                            self._members.discard(lease)
+            except StoreError as exc:
+                log.info("etcd member watch interrupted (%s); reloading", exc)
+                await asyncio.sleep(0.5)
+            except Exception:  # must not die: a stale membership only costs waits
+                log.exception("etcd member watch failed unexpectedly; reloading")
+                await asyncio.sleep(0.5)
+
+    @property
+    def live_processes(self) -> int:
+        """How many live processes the member list holds (0 until it is loaded)."""
+        return len(self._members)
+
+    def refresh_order(self, customer: str) -> tuple[int, int]:
+        """``(place, processes)``: this process's place in line to refresh
+        ``customer`` (0: first) among the namespace's live processes.
+
+        Rendezvous hashing over the live leases: every process computes the same
+        order from the same membership, each customer has its own, and a process
+        that leaves moves only the customers it was first for. The manager lets
+        the first in line go at once and the others defer to it briefly
+        (``RefreshPolicy.handoff``, ``refresh_stagger``), so a fleet that needs a
+        customer at the same moment sends one acquire instead of one per process.
+        The order is advice, never safety: the acquire's compare decides."""
+        own = self._lease_id
+        if own is None or not self._members:
+            return 0, 1
+        key = customer.encode()
+        ours = _rendezvous(own, key)
+        ahead, processes = 0, 1
+        for lease in self._members:
+            if lease == own:
+                continue
+            processes += 1
+            if _rendezvous(lease, key) > ours:
+                ahead += 1
+        return ahead, processes
 
     # -- the served mirror: watchers per customer, on one stream ----------------------
 
@@ -753,6 +848,37 @@ class EtcdStore:
         """
         return self.mirror == "namespace" or m.observed == m.lock_at >= m.changed
 
+    def _split(self, customer: str, m: _Mirror) -> bool:
+        """Whether a followed served customer's view is one event short: its record
+        and lock are known as of different revisions, the later of which is the
+        newest change seen (its rescue watcher has not run ahead). The other event of
+        that Txn is on its way on the same stream."""
+        return self.mirror == "served" and m.observed != m.lock_at and \
+            max(m.observed, m.lock_at) >= m.changed and customer in self._followed
+
+    async def _catch_up(self, customer: str) -> None:
+        """Give a split view's missing event a moment (``_CATCH_UP`` at most) before
+        reading: a reader woken by an acquire's or commit's first event would
+        otherwise spend a round trip on what the second brings."""
+        deadline = time.monotonic() + _CATCH_UP
+        self._waiting[customer] = self._waiting.get(customer, 0) + 1
+        try:
+            while (m := self._mirror.get(customer)) is not None and self._split(customer, m):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                event = self._waiters.setdefault(customer, asyncio.Event())
+                try:
+                    await asyncio.wait_for(event.wait(), left)
+                except TimeoutError:
+                    return
+        finally:
+            left_waiting = self._waiting.pop(customer) - 1
+            if left_waiting:
+                self._waiting[customer] = left_waiting
+            else:
+                self._waiters.pop(customer, None)
+
     async def _use(self, customer: str) -> _Mirror:
         """Start (once) and mark the customer used now; a served mirror follows it.
 
@@ -773,6 +899,9 @@ class EtcdStore:
 
     async def read(self, customer: str) -> Versioned | None:
         m = await self._use(customer)
+        if m.record is not None and not self._consistent(m) and self._split(customer, m):
+            await self._catch_up(customer)
+            m = await self._use(customer)
         if self._synced and m.record is not None and self._consistent(m):
             # A record the mirror holds is at worst stale, which a compare catches;
             # one it lacks may be brand new and still on its way.
