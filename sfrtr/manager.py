@@ -249,12 +249,14 @@ class TokenManager:
         self.observer: Observer | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._risks_told: dict[str, None] = {}
+        """Orphaned intents this worker reported as a lockout risk (oldest first)."""
         # Spread simultaneous acquires only where a second look is free (a local mirror).
         self._spread = self.policy.acquire_spread if getattr(self.store, "local_reads", False) \
             else 0.0
         self._spread_rng = random.Random(self.worker_id)  # replayable in the simulation
-        """Orphaned intents this worker reported as a lockout risk (oldest first)."""
-        """Telemetry (see :func:`sfrtr.telemetry.instrument`); ``None``: none at all."""
+        self._order: Callable[[str], tuple[int, int]] | None = getattr(
+            self.store, "refresh_order", None)
+        """The store's place-in-line advice (etcd), for ``handoff`` and ``refresh_stagger``."""
         self._check_timing()
         self.stats = ManagerStats()
         self._cache: dict[str, _Entry] = {}
@@ -651,9 +653,15 @@ class TokenManager:
     def _cache_put(self, customer: str, record: TokenRecord, version: int) -> _Entry:
         now_mono = _monotonic()
         expires_in = record.expires_at - self._provider_now()
+        margin = self.policy.refresh_margin
+        if self._order is not None and self.policy.refresh_stagger:
+            # Later in line, later to refresh (never past half the margin): the
+            # first one's new record usually comes before this turn does.
+            place, processes = self._order(customer)
+            margin -= margin * self.policy.refresh_stagger * place / processes
         entry = _Entry(
             Credentials(record.access_token.reveal(), record.instance_url),
-            refresh_at=now_mono + expires_in - self.policy.refresh_margin,
+            refresh_at=now_mono + expires_in - margin,
             expires_at=now_mono + expires_in, version=version)
         current = self._cache.get(customer)
         if current is None or current.version <= version:
@@ -681,6 +689,7 @@ class TokenManager:
     async def _flight(self, customer: str, stale: str | None) -> _Entry:
         deadline = _monotonic() + self.policy.wait_timeout
         spread = self._spread
+        handoff = self.policy.handoff if self._order is not None else 0.0
         while True:
             prior = self._sections.get(customer)
             if prior is not None:  # left running by a flight that was cancelled
@@ -727,6 +736,18 @@ class TokenManager:
                 if left > 0:
                     await self._wait(customer, current, deadline, cap=left)
                     continue
+            if handoff and isinstance(step, protocol.Redeem):
+                urgent = stale is not None or \
+                    current.record.expires_at <= self._provider_now()
+                if urgent and self._order is not None and self._order(customer)[0]:
+                    # Every process may need this customer right now (its session
+                    # ended early): the first in line sends the acquire, the others
+                    # give its lock a moment to reach them, then wait on it.
+                    waited = handoff
+                    handoff = 0.0
+                    await self._wait(customer, current, deadline, cap=waited)
+                    continue
+                handoff = 0.0
             if spread and isinstance(step, protocol.Redeem):
                 # Other processes may want this customer at this very moment: a short
                 # random pause lets the first one's lock reach this mirror, so this

@@ -50,6 +50,22 @@ class RefreshPolicy:
     """How long a commit carrying rotated tokens is retried while the store is down."""
     busy_backoff: float = 1.0
     """Pause before re-reading after "token request is already being processed"."""
+    handoff: float = 0.2
+    """On a store that knows the fleet's live processes (etcd), a refresh that
+    cannot wait for the session's end (a 401, or a session already past its
+    estimated expiry) is sent at once only by the process first in line for the
+    customer; the others wait up to this many seconds for its lock to show
+    before they try, so a fleet that needs a customer at the same moment sends
+    one acquire instead of one per process. Each customer has its own order
+    (``EtcdStore.refresh_order``); a process waits only when another one is
+    first. 0: every process tries at once."""
+    refresh_stagger: float = 0.5
+    """On such a store, the process first in line refreshes ``refresh_margin``
+    before the estimated expiry; the others later, spread over this fraction of
+    the margin by their place in line, serving the still-valid session
+    meanwhile. The first one's new record usually reaches them before their
+    turn, so an ahead-of-expiry refresh costs the fleet one acquire and no
+    caller waits outside the process that refreshes. 0: all at the margin."""
     acquire_spread: float = 0.0
     """On a store whose reads are local (etcd's watch-fed mirror), a refresh first
     waits a random time up to this many seconds and looks again: when several
@@ -68,8 +84,10 @@ class RefreshPolicy:
             raise ConfigurationError(f"unknown recovery mode {self.recovery!r}")
         if self.recovery == "reuse_window" and self.reuse_window <= 0:
             raise ConfigurationError("recovery='reuse_window' needs the provider's reuse_window")
-        if self.acquire_spread < 0:
-            raise ConfigurationError("acquire_spread cannot be negative")
+        if self.acquire_spread < 0 or self.handoff < 0:
+            raise ConfigurationError("acquire_spread and handoff cannot be negative")
+        if not 0 <= self.refresh_stagger < 1:
+            raise ConfigurationError("refresh_stagger is a fraction of the margin: 0 to < 1")
         if self.lease_margin < 0 or self.refused_backoff < 0 or (
                 self.recovery_grace is not None and self.recovery_grace < 0):
             raise ConfigurationError("margins, graces and backoffs cannot be negative")

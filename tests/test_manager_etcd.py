@@ -199,7 +199,7 @@ async def test_a_spread_acquire_waits_on_a_lock_it_sees_instead_of_a_failed_comp
     looks second sees the first one's lock in its mirror and waits on it, so etcd gets
     the winner's acquire and commit and no acquire that cannot win. (The worker ids
     seed the spread: 4 ms and 243 ms, far apart whatever the machine's load.)"""
-    policy = RefreshPolicy(acquire_spread=0.4, lease_margin=0.5)
+    policy = RefreshPolicy(acquire_spread=0.4, lease_margin=0.5, handoff=0.0)
     managers = [TokenManager(emulator_oauth(emulator), EtcdStore(
         EtcdSettings(endpoints=[etcd_server.endpoint]), namespace=namespace, lease_ttl=10),
         policy, worker_id=name) for name in ("spread-a", "spread-b")]

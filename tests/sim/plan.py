@@ -94,6 +94,11 @@ class Config:
     """``EtcdStore(idle_after=...)``: a served customer unused this long is dropped."""
     acquire_spread: float = 0.0
     """``RefreshPolicy.acquire_spread``: a random pause before an acquire, then a look."""
+    handoff: float = 0.2
+    """``RefreshPolicy.handoff``: a 401-driven refresh waits this long for the process
+    first in line for the customer (the member list) before acquiring itself."""
+    refresh_stagger: float = 0.5
+    """``RefreshPolicy.refresh_stagger``: later in line, later to refresh ahead."""
 
     def exchange_limit(self) -> float:
         """The client's longest token request, graces included (``OAuthConfig``'s)."""
@@ -268,6 +273,20 @@ def draw_spread(rng: random.Random, config: Config) -> Config:
     return replace(config, acquire_spread=rng.choice([0.02, 0.1, 2.0]))
 
 
+def draw_order(rng: random.Random, config: Config) -> Config:
+    """Place in line (the member list): the defaults in half the plans; off, or a
+    handoff longer than a token request, or a stagger of most of the margin, in the
+    others."""
+    pick = rng.random()
+    if pick < 0.5:
+        return config
+    if pick < 2 / 3:
+        return replace(config, handoff=0.0, refresh_stagger=0.0)
+    if pick < 5 / 6:
+        return replace(config, handoff=rng.choice([1.0, 5.0]))
+    return replace(config, refresh_stagger=0.9)
+
+
 def draw_plan(seed: int) -> Plan:
     rng = random.Random(f"plan:{seed}")
     config = draw_config(rng)
@@ -278,5 +297,6 @@ def draw_plan(seed: int) -> Plan:
     # A stream of its own: the plans above, and the regression seeds, stay as they were.
     config = draw_mirror(random.Random(f"plan-mirror:{seed}"), config)
     config = draw_spread(random.Random(f"plan-spread:{seed}"), config)
+    config = draw_order(random.Random(f"plan-order:{seed}"), config)
     faults.sort(key=lambda f: (f.at, f.kind, f.target))
     return Plan(config, faults)

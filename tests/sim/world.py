@@ -161,8 +161,9 @@ class World:
         fields = {f.name for f in dataclasses.fields(RefreshPolicy)}
         if "reuse_window" in fields:
             options["reuse_window"] = cfg.reuse_window  # the policy learnt the window
-        if "acquire_spread" in fields:
-            options["acquire_spread"] = cfg.acquire_spread
+        for name_ in ("acquire_spread", "handoff", "refresh_stagger"):
+            if name_ in fields:
+                options[name_] = getattr(cfg, name_)
         policy = RefreshPolicy(**options)
         manager = TokenManager(oauth, store, policy, worker_id=name)
         return Worker(name, manager, store, client, oauth)
