@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from benchmarks import (
+    ahead_of_expiry,
     alternatives,
     chart,
     cross_process,
@@ -55,6 +56,14 @@ def main() -> None:
         report.write("cross_process", xp, rows)
         png = chart.storm_chart(rows, report.RESULTS / "storm.png")
         print(f"chart: {png}" if png else "chart skipped: pip install 'sfrtr[plot]'", "\n")
+
+        ahead = {"processes": (2,) if quick else (2, 4, 8), "customers": 3 if quick else 20,
+                 "coroutines": 2 if quick else 4, "rounds": 1 if quick else 2,
+                 "lifetime": 2.0 if quick else 6.0, "margin": 1.0 if quick else 3.0}
+        rows = asyncio.run(ahead_of_expiry.run(**ahead))
+        print(report.table("Ahead of expiry on etcd: refresh_stagger against none", rows),
+              "\n")
+        report.write("ahead_of_expiry", ahead, rows)
 
     mem = {"customers": 2_000 if quick else 100_000}
     rows = asyncio.run(memory.run(**mem))
