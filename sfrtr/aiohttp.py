@@ -32,7 +32,7 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -126,6 +126,7 @@ class Integration:
     disconnected_url: SuccessUrl | None = None
     login_host: LoginHost | None = None
     hooks: Hooks | None = None
+    apps: tuple[OAuthConfig, ...] = ()
     manager: TokenManager | None = None
 
 
@@ -143,7 +144,7 @@ def setup(app: web.Application, *, oauth_config: OAuthConfig, customer_of: Custo
           error_page: ErrorPage | None = None, on_connect: OnConnect | None = None,
           trusted_origins: tuple[str, ...] = (),
           disconnected_url: SuccessUrl | None = None, login_host: LoginHost | None = None,
-          hooks: Hooks | None = None) -> Integration:
+          hooks: Hooks | None = None, apps: Iterable[OAuthConfig] = ()) -> Integration:
     """Wire sfrtr into ``app``.
 
     ``redirect_uri`` defaults to this app's callback URL as seen by the request
@@ -158,13 +159,17 @@ def setup(app: web.Application, *, oauth_config: OAuthConfig, customer_of: Custo
     disconnect (``"https://admin.example.com"``). ``login_host(request)``: the login
     host this customer authorizes at (a sandbox switch, a My Domain; ``None``: the
     app's own), refused with a 400 page unless the policy allows it; the grant
-    remembers it. ``hooks``: the manager's :class:`~sfrtr.Hooks`.
+    remembers it. ``hooks``: the manager's :class:`~sfrtr.Hooks`. ``apps``: more
+    connected apps whose grants the manager serves beside ``oauth_config``'s (during
+    a move from one app to another: new customers connect through ``oauth_config``,
+    grants of the old app keep refreshing through it; see ``docs/lifecycle.md``).
     """
     origins = frozenset(_origin(o) for o in trusted_origins)
     integration = Integration(oauth_config, store_factory, policy or RefreshPolicy(),
                               customer_of, StateSigner(state_key), prefix.rstrip("/"),
                               redirect_uri, success_url, scope, secure_cookies, error_page,
-                              on_connect, origins, disconnected_url, login_host, hooks)
+                              on_connect, origins, disconnected_url, login_host, hooks,
+                              tuple(apps))
     app[INTEGRATION] = integration
     app.cleanup_ctx.append(_lifecycle)
     app.middlewares.append(_set_csrf_cookie)
@@ -177,7 +182,8 @@ def setup(app: web.Application, *, oauth_config: OAuthConfig, customer_of: Custo
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     integration = app[INTEGRATION]
     manager = TokenManager(OAuthClient(integration.oauth_config), integration.store_factory(),
-                           integration.policy, hooks=integration.hooks)
+                           integration.policy, hooks=integration.hooks,
+                           apps=[OAuthClient(config) for config in integration.apps])
     integration.manager = manager
     app[MANAGER] = manager
     yield

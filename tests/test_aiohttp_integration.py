@@ -470,3 +470,39 @@ async def test_the_example_tells_the_admin_once_when_a_grant_dies(
         assert "globex must re-authorize" in told[0].getMessage()
     finally:
         await client.close()
+
+
+async def test_grants_of_an_app_being_moved_from_keep_refreshing_through_apps(
+        emulator: Emulator, http, tmp_path: Path):
+    """A customer connected through an old connected app: the web app now connects new
+    customers through its primary app and names the old one in ``apps=``, so that
+    grant keeps working (its refreshes go to the app that issued it)."""
+    from sfrtr import OAuthClient, RefreshPolicy, TokenManager
+    from tests.test_grant_hosts import code_grant
+
+    emulator.add_app("old-app", "old-secret")
+    old = OAuthConfig(client_id="old-app", client_secret=Secret("old-secret"),
+                      login_url=str(emulator.base_url), timeout=1.0, connect_timeout=0.5,
+                      instance_policy=InstanceUrlPolicy.for_emulator())
+    path = tmp_path / "grants.db"
+    seeding = TokenManager(OAuthClient(old), SqliteStore(path), RefreshPolicy())
+    try:
+        await seeding.connect("legacy", await code_grant(seeding.oauth, "legacy"))
+    finally:
+        await seeding.aclose()
+    client = await serve(build_app(emulator, store_factory=lambda: SqliteStore(path),
+                                   apps=[old]))
+    try:
+        r = await client.get("/accounts?customer=legacy")
+        assert r.status == 200, await r.text()
+        emulator.expire_sessions()
+        r = await client.get("/accounts?customer=legacy")
+        assert r.status == 200, await r.text()
+        assert emulator.ledger["redemptions"] == 1
+        assert emulator.ledger["reuse"] == 0
+        state = await client.server.app[sfrtr_aiohttp.MANAGER].store.read("legacy")
+        assert state is not None
+        assert state.record.client_id == "old-app"
+        assert state.record.generation == 1
+    finally:
+        await client.close()
