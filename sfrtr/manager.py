@@ -359,7 +359,9 @@ class TokenManager:
         if entry is not None and entry.credentials.access_token != stale and \
                 _monotonic() < entry.refresh_at:
             return entry.credentials
-        return (await self._fly(customer, stale)).credentials
+        if self.observer is None:
+            return (await self._fly(customer, stale)).credentials
+        return (await self._observe_wait(self._fly(customer, stale))).credentials
 
     async def reject_session(self, customer: str, access_token: str,
                              reason: str) -> SessionRefused:

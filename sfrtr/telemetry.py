@@ -7,7 +7,8 @@
   path), and the SDK reads them when it exports.
 - **Histograms**: the token requests' durations (``sfrtr.provider_call.duration``,
   by outcome) and how long callers without a fresh token waited
-  (``sfrtr.caller_wait.duration``).
+  (``sfrtr.caller_wait.duration``: ``token()``/``credentials()`` callers that
+  joined a refresh, and every ``refresh()`` caller, the client's after a 401).
 - **Spans**: ``sfrtr.refresh`` around a refresh flight (one per customer per
   refresh, however many callers share it) and ``sfrtr.provider_call`` around
   the token request inside it.
