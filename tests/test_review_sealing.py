@@ -473,14 +473,9 @@ async def _terminate(dsn: str, pid: int) -> None:
         await conn.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "rekey() visits store.customers(), customers with a record; a rescue saved after its "
-    "customer was disconnected (a refresh in flight during the disconnect: its commit is "
-    "fenced out, its tokens go to a rescue) has no record, is never re-sealed, and stays "
-    "under the old key after 'busy == []': the runbook's step 5 then leaves ciphertext "
-    "under a retired (maybe stolen) key, which no worker can open any more. Fix: "
-    "sfrtr/store/sealing.py rekey(): also walk customers that have rescues only (a store "
-    "method listing them), re-sealing or dropping those entries."))
+# Found by review; fixed: rekey() also walks store.rescued_customers(), so a rescue
+# saved after its customer was disconnected (a refresh in flight during the
+# disconnect: its commit fenced out) is re-sealed too, not left under the old key.
 async def test_rekey_reseals_a_rescue_whose_customer_was_disconnected(tmp_path: Path):
     from tests.raw_store import sqlite_bytes
 

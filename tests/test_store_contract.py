@@ -271,6 +271,22 @@ async def test_rescues_are_kept_sorted_and_dropped(backend: Backend):
     assert await eventually(other, "acme", lambda s: s is not None and not s.rescued)
 
 
+async def test_rescued_customers_include_those_without_a_record(backend: Backend):
+    """What rekey walks besides customers(): a refresh fenced out by a disconnect
+    leaves its tokens in rescue under no record."""
+    store = backend.first
+    await store.put("kept", RECORD)
+    v0 = await store.put("gone", RECORD)
+    held = await store.acquire("gone", v0.version, intent())
+    assert held is not None
+    assert await store.delete("gone")
+    assert await store.commit("gone", held.version, RECORD.replace(generation=1)) is None
+    await store.save_rescue("gone", held.version, RECORD.replace(generation=1))
+    await store.save_rescue("kept", 5, RECORD.replace(generation=2))
+    assert await store.customers() == ["kept"]
+    assert await store.rescued_customers() == ["gone", "kept"]  # type: ignore[attr-defined]
+
+
 async def test_stamps_move_on_record_lock_and_rescue(backend: Backend):
     store = backend.first
     stamps = [(await store.put("acme", RECORD)).stamp]

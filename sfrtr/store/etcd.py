@@ -1104,6 +1104,14 @@ class EtcdStore:
         _, kvs = await self.client.range(self._prefix + b"tok/", prefix=True, keys_only=True)
         return [unquote(kv.key[len(self._prefix) + 4:].decode()) for kv in kvs]
 
+    async def rescued_customers(self) -> list[str]:
+        """Every customer with rescue entries, with a record or not (a refresh fenced
+        out by a disconnect leaves its tokens in rescue under no record)."""
+        await self._ensure()
+        _, kvs = await self.client.range(self._prefix + b"rescue/", prefix=True,
+                                         keys_only=True)
+        return sorted({parsed[1] for kv in kvs if (parsed := self._parse_key(kv.key))})
+
     async def claim_once(self, key: str, ttl: float) -> bool:
         """True for the first claim of ``key`` within ``ttl`` seconds, in every process
         sharing the namespace: a Txn that creates ``NS/once/<key>`` only if absent,

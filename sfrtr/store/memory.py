@@ -175,6 +175,11 @@ class MemoryStore:
         self._refuse_if_forked()
         return list(self._records)
 
+    async def rescued_customers(self) -> list[str]:
+        """Every customer with rescue entries, with a record or not."""
+        self._refuse_if_forked()
+        return sorted(c for c, entries in self._rescues.items() if entries)
+
     def lease_remaining(self, lease: int | None = None) -> float | None:
         return None
 

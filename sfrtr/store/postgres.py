@@ -887,6 +887,14 @@ class PostgresStore:
             f"SELECT customer FROM {n.tokens} WHERE record IS NOT NULL ORDER BY customer"))
         return [row[0] for row in rows]
 
+    async def rescued_customers(self) -> list[str]:
+        """Every customer with rescue entries, with a record or not (a refresh fenced
+        out by a disconnect leaves its tokens in rescue under no record)."""
+        n = self.names
+        rows = await self._run(lambda c: c.fetch(
+            f"SELECT DISTINCT customer FROM {n.rescues} ORDER BY customer"))
+        return [row[0] for row in rows]
+
     async def scrub(self) -> None:
         """VACUUM the record tables, so replaced record versions (dead tuples) leave
         the table files (after a rekey, or turning sealing on). Postgres's WAL and

@@ -334,7 +334,8 @@ async def rekey(store: TokenStore, *, customers: Iterable[str] | None = None,
     version just read), never with an unconditional put: a refresh that moved
     first wins, and the record is read again. A record held by a refresh is
     waited for (``busy_wait`` seconds, ``attempts`` times), then reported busy.
-    Rescue entries are written again as they are. Records that do not open
+    Rescue entries are written again as they are, those of customers without a
+    record included (every store lists them). Records that do not open
     raise :class:`SealingError` and nothing is written for them. Then a store
     that can (``scrub()``: SQLite, Postgres) drops the replaced versions from
     its files; etcd keeps them in its history until it is compacted and
@@ -345,7 +346,14 @@ async def rekey(store: TokenStore, *, customers: Iterable[str] | None = None,
                            "clear; build it with sealer=Sealer(KeyRing...)")
     report = RekeyReport(busy=[])
     assert report.busy is not None
-    names = list(customers) if customers is not None else await store.customers()
+    if customers is not None:
+        names = list(customers)
+    else:
+        names = await store.customers()
+        rescued = getattr(store, "rescued_customers", None)
+        if rescued is not None:  # rescues under no record: a disconnect fenced them out
+            known = set(names)
+            names += [c for c in await rescued() if c not in known]
     for customer in names:
         done = False
         for _ in range(attempts):

@@ -738,6 +738,15 @@ class SqliteStore:
 
         return await self._call(job)
 
+    async def rescued_customers(self) -> list[str]:
+        """Every customer with rescue entries, with a record or not (a refresh fenced
+        out by a disconnect leaves its tokens in rescue under no record)."""
+        def job(notes: list[_Note]) -> list[str]:
+            return [c for (c,) in self._db().execute(
+                "SELECT DISTINCT customer FROM sfrtr_rescues ORDER BY customer")]
+
+        return await self._call(job)
+
     async def scrub(self) -> None:
         """Make the file forget replaced record versions (after a rekey, or turning
         sealing on): rebuild it and empty the WAL, which still holds old pages."""
