@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import types
 import weakref
+from typing import Any
 
 import pytest
 
@@ -405,3 +407,67 @@ async def test_a_caller_cancelled_just_after_the_call_failed_leaves_no_log_noise
 
 def _cancel(task: asyncio.Task[object], _done: object) -> None:
     task.cancel()
+
+
+async def _storm(group: Singleflight[str, int], callers: int) -> list[int]:
+    """``callers`` tasks awaiting ``join()`` as the manager's callers do; one call."""
+    gate = asyncio.Event()
+
+    async def work() -> int:
+        await gate.wait()
+        return 7
+
+    async def caller() -> int:
+        return await group.join("k", work)
+
+    tasks = [asyncio.create_task(caller()) for _ in range(callers)]
+    await asyncio.sleep(0)  # every caller waits now
+    gate.set()
+    return await asyncio.gather(*tasks)
+
+
+async def test_a_storm_wakes_each_caller_with_one_loop_callback():
+    """When the call ends, each waiting caller costs the loop one callback (its own
+    wake-up), as tasks awaiting one shared future do: the storm benchmark's floor.
+    A shield per caller costs two more (``benchmarks/storm.py``)."""
+    loop = asyncio.get_running_loop()
+    scheduled = 0
+    real = loop.call_soon
+
+    def counting(*args: Any, **kwargs: Any) -> asyncio.Handle:
+        nonlocal scheduled
+        scheduled += 1
+        return real(*args, **kwargs)
+
+    group: Singleflight[str, int] = Singleflight()
+    n = 1000
+    loop.call_soon = counting  # type: ignore[method-assign]
+    try:
+        # Counted: each caller's start, its wake-up and gather's done-callback, and a few
+        # for the call itself and this test's own waits.
+        assert await _storm(group, n) == [7] * n
+    finally:
+        del loop.call_soon
+    assert 3 * n <= scheduled <= 3 * n + 10
+
+
+async def test_a_storm_leaves_no_garbage_cycles():
+    """A storm's callers, their futures and the call are freed by reference counting
+    when it ends. The cyclic collector walks every live waiter while a storm waits
+    (``benchmarks/storm.py`` times it); cycles per caller would add their own walks
+    after it, in whatever the application runs next."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        group: Singleflight[str, int] = Singleflight()
+        assert await _storm(group, 1000) == [7] * 1000
+        await _settle()
+        gc.collect()
+        ours = [o for o in gc.garbage
+                if isinstance(o, asyncio.Future | types.CoroutineType | types.FrameType)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == []
