@@ -516,3 +516,66 @@ async def test_a_failed_announcement_is_made_again(etcd_server: LocalEtcd,
     finally:
         await second.aclose()
         await first.aclose()
+
+
+# -- the member list through lease loss, restarts and compaction -------------------
+
+
+async def test_a_regranted_process_counts_twice_only_until_its_old_lease_expires(
+        etcd_server: LocalEtcd, namespace: str) -> None:
+    """Held. A process that drops its lease locally (its deadline passed: a stall, a
+    slow keepalive answer) takes a new one and announces it; its old lease still
+    lives on etcd until its TTL runs out, and its member key with it. Meanwhile the
+    fleet counts the process twice (three places for two processes; the old lease
+    may even be first in line for some customers, and everyone defers to it once
+    per flight, as to a dead process). It ends with the old lease's TTL: the member
+    list is exact again, in both processes."""
+    one = await store_of(etcd_server, namespace, lease_ttl=3)
+    two = await store_of(etcd_server, namespace, lease_ttl=3)
+    try:
+        await until(lambda: one._members == two._members == {one.lease_id, two.lease_id})
+        old = one.lease_id
+        one._lose_lease("test: the local deadline passed")
+        await until(lambda: one.lease_id is not None)
+        new = one.lease_id
+        assert new != old
+        await until(lambda: one._members == two._members == {old, new, two.lease_id})
+        assert {one.refresh_order("acme")[1], two.refresh_order("acme")[1]} == {3}
+        # The old lease is no longer kept alive: gone within its TTL (plus etcd's
+        # expiry sweep), and its key with it.
+        await until(lambda: one._members == two._members == {new, two.lease_id},
+                    timeout=3 + 3)
+        assert {one.refresh_order("acme")[1], two.refresh_order("acme")[1]} == {2}
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_the_member_list_is_rebuilt_after_a_restart_past_a_compaction(
+        etcd_server: LocalEtcd, namespace: str) -> None:
+    """Held. The member watch of a process is down (its task stopped, as when its
+    stream died silently) while a process leaves and etcd compacts its history past
+    the leave; ``_restart_watch`` (a broken keepalive stream) starts it again: it
+    reloads the list at one revision and watches from there, so the leaver is gone
+    and a process that joins afterwards is seen."""
+    stores = [await store_of(etcd_server, namespace) for _ in range(3)]
+    late: EtcdStore | None = None
+    try:
+        leases = {s.lease_id for s in stores}
+        await until(lambda: all(s._members == leases for s in stores))
+        watcher = stores[0]
+        members_task = watcher._tasks[3]
+        members_task.cancel()
+        await asyncio.gather(members_task, return_exceptions=True)
+        await stores[2].aclose()  # leaves: its lease is revoked, its key deleted
+        revision, _ = await watcher.client.range(b"nothing")
+        await watcher.client.compact(revision)
+        assert watcher._members == leases  # stale while the watch is down
+        watcher._restart_watch()
+        live = {stores[0].lease_id, stores[1].lease_id}
+        await until(lambda: watcher._members == live)
+        late = await store_of(etcd_server, namespace)
+        await until(lambda: watcher._members == live | {late.lease_id})
+    finally:
+        for s in [*stores, *([late] if late else [])]:
+            await s.aclose()
