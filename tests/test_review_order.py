@@ -579,3 +579,43 @@ async def test_the_member_list_is_rebuilt_after_a_restart_past_a_compaction(
     finally:
         for s in [*stores, *([late] if late else [])]:
             await s.aclose()
+
+
+async def test_catch_up_ends_when_its_customer_is_unfollowed(etcd_server: LocalEtcd,
+                                                             namespace: str) -> None:
+    """Held. A read waiting in ``_catch_up`` on a split view whose customer's watcher
+    is compacted (``_read_watchers``: unfollow, forget, wake, follow again): the wake
+    ends the wait at once (the customer is no longer followed, so the view is no
+    longer "one event short"), and the read answers from the fresh load, consistent
+    (the acquire, locked), well inside the 0.25 s."""
+    holder = await store_of(etcd_server, namespace)
+    served = await store_of(etcd_server, namespace, mirror="served")
+    try:
+        await holder.put("acme", RECORD)
+        seen = await served.read("acme")
+        assert seen is not None
+        await until(lambda: not served._to_add)
+        task = served._tasks[1]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        held = await holder.acquire("acme", seen.version, Intent("w", "fp", 0.0, id="i1"))
+        assert held is not None
+        _, (kv,) = await served.client.range(served._lock("acme"))
+        served._apply_event(WatchEvent("put", kv), create=False)
+        assert served._split("acme", served._mirror["acme"])
+        started = time.monotonic()
+        reading = asyncio.create_task(served.read("acme"))
+        await asyncio.sleep(0.02)
+        assert not reading.done()
+        # What _read_watchers does with a compacted watcher:
+        watch_id = served._followed["acme"] + 1
+        served._unfollow("acme", gone=watch_id)
+        served._forget("acme")
+        served._wake("acme")
+        served._spawn(served._refollow("acme"))
+        got = await asyncio.wait_for(reading, 1.0)
+        assert time.monotonic() - started < 0.2
+        assert got is not None and got.locked and got.version == held.version
+    finally:
+        await served.aclose()
+        await holder.aclose()
