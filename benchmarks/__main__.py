@@ -31,7 +31,7 @@ def main() -> None:
     print(report.table("Hot path: fresh-token call (interleaved rounds)", rows), "\n")
     report.write("hot_path", params, rows)
 
-    sf = {"coroutines": 200 if quick else 10_000, "latency": 0.05, "rounds": 1 if quick else 5}
+    sf = {"coroutines": 200 if quick else 10_000, "latency": 0.05, "rounds": 1 if quick else 9}
     result = asyncio.run(storm.singleflight_storm(**sf))
     print(report.table("Singleflight storm: one expired customer, against the floor",
                        result["rows"]), "\n")

@@ -66,7 +66,7 @@ from sfrtr.provider_clock import ProviderClock
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
 from sfrtr.secret import Secret, fingerprint
 from sfrtr.singleflight import Singleflight
-from sfrtr.store.base import TokenStore
+from sfrtr.store.base import RefreshOrder, TokenStore
 from sfrtr.store.memory import MemoryStore
 from sfrtr.store.sealing import SealingError
 
@@ -110,8 +110,8 @@ class _Entry:
     ``loop`` said ``refresh_at`` has come).
     """
 
-    __slots__ = ("calls", "credentials", "expires_at", "loop", "refresh_at", "timer", "token",
-                 "version")
+    __slots__ = ("calls", "credentials", "expires_at", "loop", "refresh_at", "staggered", "timer",
+                 "token", "version")
 
     def __init__(self, credentials: Credentials, refresh_at: float, expires_at: float,
                  version: int) -> None:
@@ -121,6 +121,9 @@ class _Entry:
         self.expires_at = expires_at
         self.version = version
         self.calls = 0
+        self.staggered = False
+        """Whether this process's place in line was applied to ``refresh_at`` (once,
+        when it first came: see ``TokenManager._stagger``)."""
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
 
@@ -254,7 +257,7 @@ class TokenManager:
         self._spread = self.policy.acquire_spread if getattr(self.store, "local_reads", False) \
             else 0.0
         self._spread_rng = random.Random(self.worker_id)  # replayable in the simulation
-        self._order: Callable[[str], tuple[int, int]] | None = getattr(
+        self._order: Callable[[str], RefreshOrder] | None = getattr(
             self.store, "refresh_order", None)
         """The store's place-in-line advice (etcd), for ``handoff`` and ``refresh_stagger``."""
         self._check_timing()
@@ -390,12 +393,30 @@ class TokenManager:
         Not a coroutine: in a storm every caller passes here, and each frame
         and bound method per caller is garbage the collector must walk while
         ten thousand callers wait (``docs/benchmarks.md``)."""
+        if entry is not None and not entry.staggered and self._stagger(customer, entry):
+            return _ready(entry)
         if entry is not None and self.policy.background_refresh and \
                 _monotonic() < entry.expires_at:
             self._refresh_in_background(customer)
             return _ready(entry)
         joined = self._flights.join(customer, self._flight_fn, customer, None)
         return joined if self.observer is None else self._observe_wait(joined)
+
+    def _stagger(self, customer: str, entry: _Entry) -> bool:
+        """The entry's refresh time has come: a process later in line for the customer
+        refreshes later (``refresh_stagger``), serving the still-valid session, so
+        that the first one's new record usually arrives first. Applied once per entry,
+        when its time first comes: the place in line is a hash over every live
+        process, worth computing once per refresh, not on every record event."""
+        entry.staggered = True
+        if self._order is None or not self.policy.refresh_stagger:
+            return False
+        place, processes, _ = self._order(customer)
+        if not place:
+            return False
+        entry.refresh_at += self.policy.refresh_margin * self.policy.refresh_stagger * \
+            place / processes
+        return entry.vouch()
 
     async def _observe_wait(self, joined: Awaitable[_Entry]) -> _Entry:
         started = time.perf_counter()
@@ -655,15 +676,9 @@ class TokenManager:
     def _cache_put(self, customer: str, record: TokenRecord, version: int) -> _Entry:
         now_mono = _monotonic()
         expires_in = record.expires_at - self._provider_now()
-        margin = self.policy.refresh_margin
-        if self._order is not None and self.policy.refresh_stagger:
-            # Later in line, later to refresh (never past half the margin): the
-            # first one's new record usually comes before this turn does.
-            place, processes = self._order(customer)
-            margin -= margin * self.policy.refresh_stagger * place / processes
         entry = _Entry(
             Credentials(record.access_token.reveal(), record.instance_url),
-            refresh_at=now_mono + expires_in - margin,
+            refresh_at=now_mono + expires_in - self.policy.refresh_margin,
             expires_at=now_mono + expires_in, version=version)
         current = self._cache.get(customer)
         if current is None or current.version <= version:
@@ -741,15 +756,17 @@ class TokenManager:
             if handoff and isinstance(step, protocol.Redeem):
                 urgent = stale is not None or \
                     current.record.expires_at <= self._provider_now()
-                if urgent and self._order is not None and self._order(customer)[0]:
+                waited, handoff = handoff, 0.0
+                order = self._order(customer) if urgent and self._order is not None else None
+                if order is not None and order.place and order.known and \
+                        _monotonic() < deadline:
                     # Every process may need this customer right now (its session
-                    # ended early): the first in line sends the acquire, the others
-                    # give its lock a moment to reach them, then wait on it.
-                    waited = handoff
-                    handoff = 0.0
+                    # ended early): the first in line (the process that refreshed it
+                    # last, so one that uses it) sends the acquire, the others give
+                    # its lock a moment to reach them, then wait on it. (Not past the
+                    # flight's deadline: a customer found free then is refreshed.)
                     await self._wait(customer, current, deadline, cap=waited)
                     continue
-                handoff = 0.0
             if spread and isinstance(step, protocol.Redeem):
                 # Other processes may want this customer at this very moment: a short
                 # random pause lets the first one's lock reach this mirror, so this

@@ -53,19 +53,21 @@ class RefreshPolicy:
     handoff: float = 0.2
     """On a store that knows the fleet's live processes (etcd), a refresh that
     cannot wait for the session's end (a 401, or a session already past its
-    estimated expiry) is sent at once only by the process first in line for the
-    customer; the others wait up to this many seconds for its lock to show
-    before they try, so a fleet that needs a customer at the same moment sends
-    one acquire instead of one per process. Each customer has its own order
-    (``EtcdStore.refresh_order``); a process waits only when another one is
-    first. 0: every process tries at once."""
+    estimated expiry) is sent at once by the process that refreshed the customer
+    last (it uses it) while that one lives; the others wait up to this many
+    seconds for its lock to show before they try, so a fleet that needs a
+    customer at the same moment sends one acquire instead of one per process.
+    When no process is known to use the customer (never refreshed since these
+    processes started), everyone tries at once. Never past ``wait_timeout``
+    (refused if not shorter). 0: every process tries at once."""
     refresh_stagger: float = 0.5
     """On such a store, the process first in line refreshes ``refresh_margin``
-    before the estimated expiry; the others later, spread over this fraction of
-    the margin by their place in line, serving the still-valid session
-    meanwhile. The first one's new record usually reaches them before their
-    turn, so an ahead-of-expiry refresh costs the fleet one acquire and no
-    caller waits outside the process that refreshes. 0: all at the margin."""
+    before the estimated expiry; the others, when that time comes, move their
+    turn later by their place in line (place / processes x this x the margin),
+    serving the still-valid session meanwhile. The first one's new record
+    usually reaches them before their turn, so an ahead-of-expiry refresh costs
+    the fleet one acquire and no caller waits outside the process that
+    refreshes. 0: all at the margin; below 1."""
     acquire_spread: float = 0.0
     """On a store whose reads are local (etcd's watch-fed mirror), a refresh first
     waits a random time up to this many seconds and looks again: when several
@@ -86,6 +88,8 @@ class RefreshPolicy:
             raise ConfigurationError("recovery='reuse_window' needs the provider's reuse_window")
         if self.acquire_spread < 0 or self.handoff < 0:
             raise ConfigurationError("acquire_spread and handoff cannot be negative")
+        if self.handoff >= self.wait_timeout:
+            raise ConfigurationError("handoff must be shorter than wait_timeout")
         if not 0 <= self.refresh_stagger < 1:
             raise ConfigurationError("refresh_stagger is a fraction of the margin: 0 to < 1")
         if self.lease_margin < 0 or self.refused_backoff < 0 or (

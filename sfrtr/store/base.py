@@ -14,9 +14,22 @@ primitives.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from sfrtr.records import Intent, TokenRecord, Versioned
+
+
+class RefreshOrder(NamedTuple):
+    """A process's place in line to refresh a customer: what a store with a member
+    list (etcd) answers from ``refresh_order(customer)``."""
+
+    place: int
+    """0: first; n: n live processes come before this one."""
+    processes: int
+    """Live processes in the namespace, this one included."""
+    known: bool
+    """Whether the first in line is the customer's last lock holder (a process known
+    to use it), not only the first by hash."""
 
 
 @runtime_checkable

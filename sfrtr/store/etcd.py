@@ -47,6 +47,7 @@ import orjson
 from sfrtr.errors import LeaseLost, StoreError
 from sfrtr.records import Intent, Status, TokenRecord, Versioned
 from sfrtr.store import sealing
+from sfrtr.store.base import RefreshOrder
 from sfrtr.store.etcd_client import (
     KV,
     EtcdClient,
@@ -73,6 +74,10 @@ Mirror = Literal["namespace", "served"]
 _KINDS = ("tok", "lock", "rescue")  # a served customer's watchers, by id offset
 _CATCH_UP = 0.25
 """Longest a served read waits for the second event of a Txn whose first it saw."""
+_CATCH_UP_UNSURE = 0.025
+"""The same when the first may have no second (a lock deleted ahead of its record:
+a commit's, or a lease's running out): the pair's events come back to back on one
+stream, so a short wait catches a commit's, and an expiry costs little."""
 
 
 @dataclass(slots=True)
@@ -103,6 +108,12 @@ class _Mirror:
     used: float = 0.0
     """Monotonic time this process last used the customer (0: never): a used
     customer's record is kept, its changes reach subscribers."""
+    holder: int = 0
+    """The lease of the last lock on the customer seen here (0: none seen): the
+    process that refreshed it last, first in line for the next refresh while alive."""
+    holder_at: int = 0
+    """The revision of that lock's put. Kept apart from ``lock_at``: on a served
+    mirror a commit's record event can pass the acquire's lock event."""
 
 
 def _encode(record: TokenRecord, sealer: Sealer | None = None, namespace: str = "",
@@ -320,14 +331,20 @@ class EtcdStore:
         self._spawn(self._announce(lease_id))  # off the path of the acquire that re-grants
 
     async def _announce(self, lease_id: int) -> None:
-        """Put this process's member key, bound to its new lease."""
-        try:
-            await self.client.txn([], [put(self._member_prefix() + b"%016x" % lease_id, b"",
-                                           lease=lease_id)])
-        except (StoreError, LeaseLost) as exc:
-            # Only an optimisation is lost: the others do not wait for this process
-            # (their acquires may then race its own and fail a compare).
-            log.info("etcd lease %x: membership not announced (%s)", lease_id, exc)
+        """Put this process's member key, bound to its new lease; tried again every
+        second while that lease is this process's (etcd may be flapping)."""
+        while not self._closed and self._lease_id == lease_id:
+            try:
+                await self.client.txn([], [put(self._member_prefix() + b"%016x" % lease_id,
+                                               b"", lease=lease_id)])
+                return
+            except LeaseLost:
+                return  # a new lease announces itself
+            except StoreError as exc:
+                # Meanwhile only an optimisation is lost: the others do not wait for
+                # this process (their acquires may race its own and fail a compare).
+                log.info("etcd lease %x: membership not announced yet (%s)", lease_id, exc)
+            await asyncio.sleep(1.0)
 
     def _lose_lease(self, why: str) -> None:
         if self._lease_id is not None:
@@ -404,6 +421,7 @@ class EtcdStore:
                     m.version = kv.mod_revision
                 elif kind == "lock":
                     m.locked = True
+                    m.holder, m.holder_at = kv.lease, kv.mod_revision
                 else:
                     fence = _rescue_fence(kv.key)
                     if fence is not None:
@@ -429,6 +447,8 @@ class EtcdStore:
             else:
                 new.changed = max(new.changed, old.changed)
             new.used = old.used
+            if old.holder_at > new.holder_at:
+                new.holder, new.holder_at = old.holder, old.holder_at
             if new.version == old.version:
                 new.record = old.record
             elif old.used:
@@ -536,9 +556,12 @@ class EtcdStore:
                     # commit may put one back, releasing the lock.)
                     m.locked, m.lock_at = False, revision
                 self._notify(customer, m)
-        elif revision >= m.lock_at:
-            m.lock_at = revision
-            m.locked = event.kind == "put"
+        else:
+            if event.kind == "put" and revision >= m.holder_at:
+                m.holder, m.holder_at = event.kv.lease, revision
+            if revision >= m.lock_at:
+                m.lock_at = revision
+                m.locked = event.kind == "put"
         self._wake(customer)
 
     # -- membership: who is first in line ------------------------------------------
@@ -575,20 +598,24 @@ class EtcdStore:
         """How many live processes the member list holds (0 until it is loaded)."""
         return len(self._members)
 
-    def refresh_order(self, customer: str) -> tuple[int, int]:
-        """``(place, processes)``: this process's place in line to refresh
-        ``customer`` (0: first) among the namespace's live processes.
+    def refresh_order(self, customer: str) -> RefreshOrder:
+        """This process's place in line to refresh ``customer`` among the namespace's
+        live processes.
 
-        Rendezvous hashing over the live leases: every process computes the same
-        order from the same membership, each customer has its own, and a process
-        that leaves moves only the customers it was first for. The manager lets
-        the first in line go at once and the others defer to it briefly
-        (``RefreshPolicy.handoff``, ``refresh_stagger``), so a fleet that needs a
-        customer at the same moment sends one acquire instead of one per process.
-        The order is advice, never safety: the acquire's compare decides."""
+        First comes the process that held the customer's lock last (it refreshed
+        it, so it uses it) while it is alive; then the others in an order made by
+        rendezvous hashing over their leases (every process computes the same one
+        from the same member list, each customer has its own, and a process that
+        leaves moves only the customers it was first for). The manager lets the
+        first go at once and the others defer to it (``RefreshPolicy.handoff``,
+        only when the first is that known holder; ``refresh_stagger``), so a fleet
+        that needs a customer at the same moment sends one acquire instead of one
+        per process. The order is advice, never safety: the compare decides."""
         own = self._lease_id
         if own is None or not self._members:
-            return 0, 1
+            return RefreshOrder(0, 1, False)
+        m = self._mirror.get(customer)
+        holder = m.holder if m is not None and m.holder in self._members else 0
         key = customer.encode()
         ours = _rendezvous(own, key)
         ahead, processes = 0, 1
@@ -596,9 +623,9 @@ class EtcdStore:
             if lease == own:
                 continue
             processes += 1
-            if _rendezvous(lease, key) > ours:
+            if lease == holder or (own != holder and _rendezvous(lease, key) > ours):
                 ahead += 1
-        return ahead, processes
+        return RefreshOrder(ahead, processes, holder != 0)
 
     # -- the served mirror: watchers per customer, on one stream ----------------------
 
@@ -791,6 +818,8 @@ class EtcdStore:
         if revision >= m.lock_at:
             m.locked = bool(lock)
             m.lock_at = revision
+        if lock and lock[0].mod_revision >= m.holder_at:
+            m.holder, m.holder_at = lock[0].lease, lock[0].mod_revision
         if (m.version, m.locked) != before:
             # A deletion (a lock gone with its lease) has no revision of its
             # own to show: the read's revision stands in.
@@ -848,19 +877,26 @@ class EtcdStore:
         """
         return self.mirror == "namespace" or m.observed == m.lock_at >= m.changed
 
-    def _split(self, customer: str, m: _Mirror) -> bool:
-        """Whether a followed served customer's view is one event short: its record
-        and lock are known as of different revisions, the later of which is the
-        newest change seen (its rescue watcher has not run ahead). The other event of
-        that Txn is on its way on the same stream."""
-        return self.mirror == "served" and m.observed != m.lock_at and \
-            max(m.observed, m.lock_at) >= m.changed and customer in self._followed
+    def _split(self, customer: str, m: _Mirror) -> float:
+        """How long to wait for the rest of a followed served customer's view (0: it
+        is not one event short). One event short: its record and lock are known as
+        of different revisions, the later of which is the newest change seen (its
+        rescue watcher has not run ahead); the other event of that Txn is on its way
+        on the same stream."""
+        if self.mirror != "served" or m.observed == m.lock_at or \
+                max(m.observed, m.lock_at) < m.changed or customer not in self._followed:
+            return 0.0
+        if m.lock_at < m.observed or m.locked:
+            return _CATCH_UP  # a record event, or a lock's put (an acquire): always a pair
+        # A lock deleted ahead of its record: a commit or a put releasing it (its record
+        # event follows), or its holder's lease running out (nothing follows).
+        return _CATCH_UP_UNSURE
 
-    async def _catch_up(self, customer: str) -> None:
-        """Give a split view's missing event a moment (``_CATCH_UP`` at most) before
+    async def _catch_up(self, customer: str, budget: float) -> None:
+        """Give a split view's missing event a moment (``budget`` at most) before
         reading: a reader woken by an acquire's or commit's first event would
         otherwise spend a round trip on what the second brings."""
-        deadline = time.monotonic() + _CATCH_UP
+        deadline = time.monotonic() + budget
         self._waiting[customer] = self._waiting.get(customer, 0) + 1
         try:
             while (m := self._mirror.get(customer)) is not None and self._split(customer, m):
@@ -899,8 +935,9 @@ class EtcdStore:
 
     async def read(self, customer: str) -> Versioned | None:
         m = await self._use(customer)
-        if m.record is not None and not self._consistent(m) and self._split(customer, m):
-            await self._catch_up(customer)
+        if m.record is not None and not self._consistent(m) and \
+                (budget := self._split(customer, m)):
+            await self._catch_up(customer, budget)
             m = await self._use(customer)
         if self._synced and m.record is not None and self._consistent(m):
             # A record the mirror holds is at worst stale, which a compare catches;
@@ -978,6 +1015,9 @@ class EtcdStore:
             return None
         self._mark_used(customer)
         self._wrote(customer, result.revision, record, True)
+        m = self._mirror[customer]
+        if result.revision >= m.holder_at:
+            m.holder, m.holder_at = lease, result.revision
         return Versioned(record, result.revision, True, stamp=result.revision)
 
     async def _refresh_view(self, customer: str) -> None:
