@@ -10,9 +10,11 @@ under the same load: "local-lock" (an in-process singleflight alone: each
 process has its own memory store with the same grants), "no-lock" (every
 coroutine that sees a 401 redeems), and "setnx-ttl" (a set-if-absent lock with
 a 1 s TTL and no fencing, under a 1.5 s provider: the lock expires mid-call).
-On etcd at the largest P the default (``RefreshPolicy.handoff``: the process
-first in line for a customer acquires, the others wait on its lock) is shown
-beside ``handoff=0`` (every process sends its acquire at once).
+sfrtr's storm is the fleet's second: one expiry wave first (not measured), so
+that every customer has a last lock holder every process has seen, as in a
+fleet that has run for a while. On etcd at the largest P the default
+(``RefreshPolicy.handoff``: that holder acquires, the others wait on its lock)
+is shown beside ``handoff=0`` (every process sends its acquire at once).
 
 Workers: ``python -m benchmarks.cross_process --worker ...``.
 """
@@ -150,7 +152,18 @@ async def _work(args: argparse.Namespace) -> None:
             while store.live_processes < args.processes:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
     print("READY", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # GO
+    loop = asyncio.get_running_loop()
+    if (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "WARM":
+        # One expiry before the measured one: the fleet's second refresh of each
+        # customer, with a holder of its last lock that every process has seen.
+        await asyncio.gather(*(manager.refresh(c, stale=stale[c]) for c in customers
+                                for _ in range(args.coroutines)), return_exceptions=True)
+        async with asyncio.timeout(30):  # every process has the new tokens
+            while any([await manager.token(c) == stale[c] for c in customers]):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        stale = {c: await manager.token(c) for c in customers}
+        print("WARMED", flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)  # GO
     etcd = args.variant == "sfrtr" and args.store == "etcd"
     trips0 = store.client.round_trips if etcd else 0
     counting.calls.clear()
@@ -209,6 +222,17 @@ async def one(variant: str, processes: int, coroutines: int, customers: int,
             if shared is None:
                 w.stdin.write(("\t".join(seed_lines) + "\n").encode())
             assert (await w.stdout.readline()).strip() == b"READY"
+        redeemed = 0
+        if variant == "sfrtr":
+            em.expire_sessions()
+            for w in workers:
+                assert w.stdin is not None
+                w.stdin.write(b"WARM\n")
+                await w.stdin.drain()
+            for w in workers:
+                assert w.stdout is not None
+                assert (await w.stdout.readline()).strip() == b"WARMED"
+            redeemed = em.ledger["redemptions"]
         em.expire_sessions()
         started = time.perf_counter()
         for w in workers:
@@ -221,7 +245,7 @@ async def one(variant: str, processes: int, coroutines: int, customers: int,
             reports.append(orjson.loads(await w.stdout.readline()))
             await w.wait()
         wall = time.perf_counter() - started
-    redemptions = em.ledger["redemptions"]
+    redemptions = em.ledger["redemptions"] - redeemed
     sfrtr = variant == "sfrtr"
     label = f"sfrtr/{store}" + ("" if handoff is None else f" handoff={handoff:g}")
     return {"variant": label if sfrtr else variant, "processes": processes,
