@@ -194,3 +194,53 @@ async def test_one_version_lookup_per_instance_and_apex_rest(emulator: Emulator,
         assert len(lookups) == 1
     finally:
         await runner.cleanup()
+
+
+def test_usage_is_kept_raw_and_parsed_when_read(monkeypatch):
+    from sfrtr.salesforce import limits
+
+    parsed: list[str] = []
+    real = limits.parse_limit_info
+
+    def counting(header: str | None) -> limits.LimitInfo | None:
+        parsed.append(header or "")
+        return real(header)
+
+    monkeypatch.setattr(limits, "parse_limit_info", counting)
+    usage = limits.ApiUsage()
+    for n in range(1, 101):
+        usage.note("acme", f"api-usage={n}/15000")
+    usage.note("acme", "per-app-api-usage=2/100(appName=x)")  # no api-usage: not kept
+    usage.note("acme", None)
+    assert parsed == []  # a hundred answers, nothing parsed yet
+    info = usage.get("acme")
+    assert info is not None
+    assert (info.used, info.remaining) == (100, 14900)
+    assert usage.get("acme") is info
+    assert len(parsed) == 1
+    usage.note("acme", "api-usage=101/15000")
+    usage.note("other", "api-usage=7/20")
+    assert {c: i.used for c, i in usage.snapshot().items()} == {"acme": 101, "other": 7}
+    usage.note("acme", "api-usage=x/15000")  # malformed: the last good value stays
+    assert usage.get("acme") == limits.LimitInfo(101, 15000)
+
+
+def test_held_back_ends_when_the_cooldown_does():
+    from sfrtr.salesforce.limits import ApiUsage
+
+    usage = ApiUsage()
+    assert usage.held_back("acme") is None
+    usage.exhausted("acme", time.monotonic() + 30)
+    left = usage.held_back("acme")
+    assert left is not None
+    assert 29 < left <= 30
+    usage.exhausted("acme", time.monotonic() - 1)
+    assert usage.held_back("acme") is None
+    assert usage.exhausted_until("acme") is None  # forgotten once over
+
+
+def test_the_per_app_budget_is_not_the_orgs():
+    assert parse_limit_info("per-app-api-usage=2/100(appName=x)") is None
+    info = parse_limit_info("per-app-api-usage=2/100(appName=x), api-usage=14/15000")
+    assert info is not None
+    assert (info.used, info.limit) == (14, 15000)
