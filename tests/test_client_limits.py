@@ -244,3 +244,59 @@ def test_the_per_app_budget_is_not_the_orgs():
     info = parse_limit_info("per-app-api-usage=2/100(appName=x), api-usage=14/15000")
     assert info is not None
     assert (info.used, info.limit) == (14, 15000)
+
+
+async def test_headers_are_built_per_token_and_a_proxy_still_gets_its_credentials(
+        emulator: Emulator):
+    from sfrtr import MemoryStore, Secret, TokenManager
+    from sfrtr.salesforce.client import _Prepared
+    from tests.conftest import emulator_oauth
+
+    seen: list[dict[str, str]] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        # a forward proxy sees the absolute URL; this one answers by itself
+        seen.append(dict(request.headers))
+        return web.json_response({"totalSize": 0, "done": True, "records": []},
+                                 headers={"Sforce-Limit-Info": f"api-usage={len(seen)}/100"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    oauth = emulator_oauth(emulator, proxy=f"http://127.0.0.1:{port}",
+                           proxy_auth=("egress", Secret("hunter2")))
+    manager = TokenManager(oauth, MemoryStore())
+    try:
+        grant = emulator_grant(emulator, "acme")
+        record = await manager.connect("acme", grant)
+        # plain http, so the proxy's credentials go on the request itself
+        await manager.store.put("acme", record.replace(instance_url="http://acme.example"))
+        client = Client("acme", manager)
+        await client.query("SELECT Id FROM Account")
+        prepared = client._prepared
+        assert isinstance(prepared, _Prepared)
+        shared = dict(prepared.headers)
+        await client.query("SELECT Id FROM Account")
+        await client.request("GET", "limits", headers={"Accept": "text/csv", "X-Mine": "1"})
+        await client.request("POST", "sobjects/Account", json={"Name": "x"})
+        assert client._prepared is prepared  # built once for the token
+        assert prepared.headers == shared  # and never changed by a call
+        token = grant.access_token.reveal()
+        assert token not in repr(prepared)
+        assert token not in repr(client)
+        for headers in seen:
+            assert headers["Authorization"] == f"Bearer {token}"
+            assert headers["Proxy-Authorization"].startswith("Basic ")
+        assert [h["Accept"] for h in seen] == ["application/json"] * 2 + [
+            "text/csv", "application/json"]
+        assert seen[2]["X-Mine"] == "1"
+        assert seen[3]["Content-Type"] == "application/json"
+        assert client.limit_info is not None
+        assert client.limit_info.used == 4
+    finally:
+        await manager.aclose()
+        await runner.cleanup()
