@@ -300,3 +300,29 @@ async def test_headers_are_built_per_token_and_a_proxy_still_gets_its_credential
     finally:
         await manager.aclose()
         await runner.cleanup()
+
+
+async def test_a_chunked_query_page_and_a_lowercase_retry_after(emulator: Emulator, manager):
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b'{"totalSize": 1, "done": true, ')
+        await resp.write(b'"records": [{"Id": "001"}]}')
+        await resp.write_eof()
+        return resp
+
+    async def busy(request: web.Request) -> web.Response:
+        return web.Response(status=429, headers={"retry-after": "3600"})
+
+    client, runner = await _stub(emulator, manager, [
+        web.get("/services/data/v67.0/query", chunked),
+        web.get("/services/data/v67.0/busy", busy)])
+    try:
+        page = await client.query("SELECT Id FROM Account")
+        assert page.records == [{"Id": "001"}]
+        with pytest.raises(ServerUnavailable) as info:
+            await client.request("GET", "busy")
+        assert info.value.retry_after == 3600.0
+    finally:
+        await runner.cleanup()

@@ -269,14 +269,16 @@ class Client:
         return Response(resp.status, dict(resp.headers), _decoded(resp.status, raw))
 
     async def _query_page(self, path: str, params: dict[str, str] | None,
-                    headers: dict[str, str] | None = None) -> QueryResult:
+                          headers: dict[str, str] | None = None) -> QueryResult:
         """GET a query page at a path we built or checked."""
         resp = await self._send("GET", path, params, None, None, headers,
                                 _total_timeout(self.timeout), None)
-        try:
+        try:  # _read_body, inlined: a query's path is one coroutine shorter
             length = resp.content_length
-            raw = await (resp.read() if length is not None and length <= MAX_BODY
-                         else _read_bounded(resp))
+            if length is not None and length <= MAX_BODY:
+                raw = await resp.read()  # aiohttp stops at Content-Length
+            else:
+                raw = await _read_bounded(resp)
         finally:
             resp.release()
         try:
