@@ -194,3 +194,135 @@ async def test_one_version_lookup_per_instance_and_apex_rest(emulator: Emulator,
         assert len(lookups) == 1
     finally:
         await runner.cleanup()
+
+
+def test_usage_is_kept_raw_and_parsed_when_read(monkeypatch):
+    from sfrtr.salesforce import limits
+
+    parsed: list[str] = []
+    real = limits.parse_limit_info
+
+    def counting(header: str | None) -> limits.LimitInfo | None:
+        parsed.append(header or "")
+        return real(header)
+
+    monkeypatch.setattr(limits, "parse_limit_info", counting)
+    usage = limits.ApiUsage()
+    for n in range(1, 101):
+        usage.note("acme", f"api-usage={n}/15000")
+    usage.note("acme", "per-app-api-usage=2/100(appName=x)")  # no api-usage: not kept
+    usage.note("acme", None)
+    assert parsed == []  # a hundred answers, nothing parsed yet
+    info = usage.get("acme")
+    assert info is not None
+    assert (info.used, info.remaining) == (100, 14900)
+    assert usage.get("acme") is info
+    assert len(parsed) == 1
+    usage.note("acme", "api-usage=101/15000")
+    usage.note("other", "api-usage=7/20")
+    assert {c: i.used for c, i in usage.snapshot().items()} == {"acme": 101, "other": 7}
+    usage.note("acme", "api-usage=x/15000")  # malformed: the last good value stays
+    assert usage.get("acme") == limits.LimitInfo(101, 15000)
+
+
+def test_held_back_ends_when_the_cooldown_does():
+    from sfrtr.salesforce.limits import ApiUsage
+
+    usage = ApiUsage()
+    assert usage.held_back("acme") is None
+    usage.exhausted("acme", time.monotonic() + 30)
+    left = usage.held_back("acme")
+    assert left is not None
+    assert 29 < left <= 30
+    usage.exhausted("acme", time.monotonic() - 1)
+    assert usage.held_back("acme") is None
+    assert usage.exhausted_until("acme") is None  # forgotten once over
+
+
+def test_the_per_app_budget_is_not_the_orgs():
+    assert parse_limit_info("per-app-api-usage=2/100(appName=x)") is None
+    info = parse_limit_info("per-app-api-usage=2/100(appName=x), api-usage=14/15000")
+    assert info is not None
+    assert (info.used, info.limit) == (14, 15000)
+
+
+async def test_headers_are_built_per_token_and_a_proxy_still_gets_its_credentials(
+        emulator: Emulator):
+    from sfrtr import MemoryStore, Secret, TokenManager
+    from sfrtr.salesforce.client import _Prepared
+    from tests.conftest import emulator_oauth
+
+    seen: list[dict[str, str]] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        # a forward proxy sees the absolute URL; this one answers by itself
+        seen.append(dict(request.headers))
+        return web.json_response({"totalSize": 0, "done": True, "records": []},
+                                 headers={"Sforce-Limit-Info": f"api-usage={len(seen)}/100"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    oauth = emulator_oauth(emulator, proxy=f"http://127.0.0.1:{port}",
+                           proxy_auth=("egress", Secret("hunter2")))
+    manager = TokenManager(oauth, MemoryStore())
+    try:
+        grant = emulator_grant(emulator, "acme")
+        record = await manager.connect("acme", grant)
+        # plain http, so the proxy's credentials go on the request itself
+        await manager.store.put("acme", record.replace(instance_url="http://acme.example"))
+        client = Client("acme", manager)
+        await client.query("SELECT Id FROM Account")
+        prepared = client._prepared
+        assert isinstance(prepared, _Prepared)
+        shared = dict(prepared.headers)
+        await client.query("SELECT Id FROM Account")
+        await client.request("GET", "limits", headers={"Accept": "text/csv", "X-Mine": "1"})
+        await client.request("POST", "sobjects/Account", json={"Name": "x"})
+        assert client._prepared is prepared  # built once for the token
+        assert prepared.headers == shared  # and never changed by a call
+        token = grant.access_token.reveal()
+        assert token not in repr(prepared)
+        assert token not in repr(client)
+        for headers in seen:
+            assert headers["Authorization"] == f"Bearer {token}"
+            assert headers["Proxy-Authorization"].startswith("Basic ")
+        assert [h["Accept"] for h in seen] == ["application/json"] * 2 + [
+            "text/csv", "application/json"]
+        assert seen[2]["X-Mine"] == "1"
+        assert seen[3]["Content-Type"] == "application/json"
+        assert client.limit_info is not None
+        assert client.limit_info.used == 4
+    finally:
+        await manager.aclose()
+        await runner.cleanup()
+
+
+async def test_a_chunked_query_page_and_a_lowercase_retry_after(emulator: Emulator, manager):
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b'{"totalSize": 1, "done": true, ')
+        await resp.write(b'"records": [{"Id": "001"}]}')
+        await resp.write_eof()
+        return resp
+
+    async def busy(request: web.Request) -> web.Response:
+        return web.Response(status=429, headers={"retry-after": "3600"})
+
+    client, runner = await _stub(emulator, manager, [
+        web.get("/services/data/v67.0/query", chunked),
+        web.get("/services/data/v67.0/busy", busy)])
+    try:
+        page = await client.query("SELECT Id FROM Account")
+        assert page.records == [{"Id": "001"}]
+        with pytest.raises(ServerUnavailable) as info:
+            await client.request("GET", "busy")
+        assert info.value.retry_after == 3600.0
+    finally:
+        await runner.cleanup()

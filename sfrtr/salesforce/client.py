@@ -17,10 +17,11 @@ does not keep hammering an org that has no calls left.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -32,7 +33,7 @@ import aiohttp
 import orjson
 
 from sfrtr.manager import Credentials
-from sfrtr.oauth.client import OAuthClient
+from sfrtr.oauth.client import OAuthClient, OAuthConfig
 from sfrtr.salesforce.errors import (
     InvalidResponse,
     RequestLimitExceeded,
@@ -43,7 +44,6 @@ from sfrtr.salesforce.errors import (
 from sfrtr.salesforce.limits import (
     MAX_RETRY_AFTER,
     LimitInfo,
-    parse_limit_info,
     parse_retry_after,
     usage_table,
 )
@@ -176,11 +176,14 @@ class Client:
         self.customer = customer
         self.manager = manager
         self._session = session
+        self._prefix = ""
         self.api_version = max_api_version if self._negotiate else api_version
         self.max_api_version = max_api_version
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._usage = usage_table(manager)
+        self._prepared: _Prepared | None = None
+        self._negotiated_for: str | None = None
 
     def __repr__(self) -> str:
         return f"Client(customer={self.customer!r}, api_version={self.api_version!r})"
@@ -198,9 +201,19 @@ class Client:
         return self._session if self._session is not None else self.manager.oauth.session
 
     @property
+    def api_version(self) -> str:
+        """The API version calls go to, ``"67.0"`` (negotiated, with ``"auto"``)."""
+        return self._api_version
+
+    @api_version.setter
+    def api_version(self, value: str) -> None:
+        self._api_version = value
+        self._prefix = f"/services/data/v{value}/"
+
+    @property
     def base_path(self) -> str:
         """``/services/data/vNN.0`` for this client's API version."""
-        return f"/services/data/v{self.api_version}"
+        return self._prefix[:-1]
 
     @property
     def limit_info(self) -> LimitInfo | None:
@@ -222,6 +235,13 @@ class Client:
         return Bulk(self)
 
     # -- the one request path ------------------------------------------------
+    #
+    # Every call pays this path, so it does no work a raw aiohttp GET would not
+    # do unless that work is the point: headers and proxy options are built
+    # once per Credentials object (the manager hands out the same one until the
+    # token changes), timeouts once per value, the usage header is kept raw and
+    # parsed only when someone reads it, and no context manager or Response is
+    # made for a query.
 
     async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
                       json: Any = None, headers: dict[str, str] | None = None,
@@ -239,11 +259,33 @@ class Client:
         method = method.upper()
         if json is not None:
             data, content_type = orjson.dumps(json), "application/json"
-        wait = timeout or self.timeout
-        async with self._opened(method, path, params, data, content_type, headers or {},
-                                aiohttp.ClientTimeout(total=wait), idempotent) as resp:
-            raw = await _read_bounded(resp)
-            return self._answer(resp.status, dict(resp.headers), raw)
+        _check_path(path)
+        resp = await self._send(method, path, params, data, content_type, headers,
+                                _total_timeout(timeout or self.timeout), idempotent)
+        try:
+            raw = await _read_body(resp)
+        finally:
+            resp.release()
+        return Response(resp.status, dict(resp.headers), _decoded(resp.status, raw))
+
+    async def _query_page(self, path: str, params: dict[str, str] | None,
+                          headers: dict[str, str] | None = None) -> QueryResult:
+        """GET a query page at a path we built or checked."""
+        resp = await self._send("GET", path, params, None, None, headers,
+                                _total_timeout(self.timeout), None)
+        try:  # _read_body, inlined: a query's path is one coroutine shorter
+            length = resp.content_length
+            if length is not None and length <= MAX_BODY:
+                raw = await resp.read()  # aiohttp stops at Content-Length
+            else:
+                raw = await _read_bounded(resp)
+        finally:
+            resp.release()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InvalidResponse(resp.status, "INVALID_RESPONSE", "answer is not JSON") from None
+        return _page(resp.status, body)
 
     @asynccontextmanager
     async def stream(self, method: str, path: str, *, params: dict[str, str] | None = None,
@@ -257,176 +299,148 @@ class Client:
         bounds the connection and each read, not the whole body, so a large
         download is not cut short.
         """
-        wait = timeout or self.timeout
-        async with self._opened(method.upper(), path, params, data, content_type,
-                                headers or {},
-                                aiohttp.ClientTimeout(sock_connect=wait, sock_read=wait),
-                                idempotent) as resp:
-            yield resp
-
-    @asynccontextmanager
-    async def _opened(self, method: str, path: str, params: dict[str, str] | None,
-                      data: Body | None, content_type: str | None, headers: dict[str, str],
-                      timeout: aiohttp.ClientTimeout, idempotent: bool | None
-                      ) -> AsyncIterator[aiohttp.ClientResponse]:
-        self._check_path(path)
-        retryable = method in _IDEMPOTENT if idempotent is None else idempotent
-        self._check_cooldown()
-        attempt = 0
-        while True:
-            try:
-                resp = await self._authorized(method, path, params, data, content_type,
-                                              headers, timeout)
-                break
-            except (ServerUnavailable, aiohttp.ClientConnectionError,
-                    aiohttp.ClientPayloadError, TimeoutError) as exc:
-                attempt += 1
-                pause = self.retry.delay(attempt)
-                asked = exc.retry_after if isinstance(exc, SalesforceError) else None
-                if asked is not None:
-                    pause = max(pause, asked)
-                if not retryable or attempt >= self.retry.attempts or \
-                        (asked is not None and asked > MAX_RETRY_AFTER):
-                    if isinstance(exc, SalesforceError):
-                        raise
-                    raise ServerUnavailable(0, "CONNECTION_ERROR",
-                                            f"{type(exc).__name__} talking to Salesforce"
-                                            ) from None
-                await asyncio.sleep(pause)
-            except RequestLimitExceeded as exc:
-                self._usage.exhausted(self.customer, time.monotonic()
-                                      + self.retry.limit_cooldown)
-                exc.limit_info = self.limit_info
-                raise
+        _check_path(path)
+        resp = await self._send(method.upper(), path, params, data, content_type, headers,
+                                _stream_timeout(timeout or self.timeout), idempotent)
         try:
             yield resp
         finally:
             resp.release()
 
-    def _check_path(self, path: str) -> None:
-        split = urlsplit(path)
-        if split.scheme or split.netloc:
-            raise ValueError("pass a path, not a URL: tokens only go to the instance URL")
+    async def _send(self, method: str, path: str, params: dict[str, str] | None,
+                    data: Body | None, content_type: str | None,
+                    headers: dict[str, str] | None, timeout: aiohttp.ClientTimeout,
+                    idempotent: bool | None) -> aiohttp.ClientResponse:
+        """The open response to a successful (2xx) answer; error answers raise.
 
-    def _check_cooldown(self) -> None:
-        until = self._usage.exhausted_until(self.customer)
-        if until is not None and time.monotonic() < until:
+        On ``401`` it asks the manager for a token newer than the refused one
+        and sends once more; a second ``401`` is the manager's to judge. The
+        retries of :class:`RetryPolicy` wrap both. One coroutine, not one per
+        step: each level costs every call a frame on every suspension.
+        """
+        held = self._usage.held_back(self.customer)
+        if held is not None:
             error = RequestLimitExceeded(
                 403, "REQUEST_LIMIT_EXCEEDED",
                 "the org's daily API limit was exceeded moments ago; not sent (retry after "
-                f"{until - time.monotonic():.0f} s)")
+                f"{held:.0f} s)")
             error.limit_info = self.limit_info
             raise error
+        manager = self.manager
+        failures = 0
+        while True:
+            try:
+                creds = await manager.credentials(self.customer)
+                if self._negotiate and self._negotiated_for != creds.instance_url:
+                    self.api_version = await negotiate(
+                        self.session, creds.instance_url, self.max_api_version,
+                        manager.oauth.config.request_options(creds.instance_url))
+                    self._negotiated_for = creds.instance_url
+                url = creds.instance_url + (
+                    path if path.startswith("/services/") else self._prefix + path.lstrip("/"))
+                refreshed = False
+                while True:
+                    prepared, all_headers = self._headers(creds, headers, data, content_type)
+                    session = self._session if self._session is not None else \
+                        manager.oauth.session
+                    body = data() if callable(data) else data
+                    if prepared.options:  # a proxy
+                        resp = await session.request(
+                            method, url, params=params, data=body, headers=all_headers,
+                            allow_redirects=False, timeout=timeout, **prepared.options)
+                    else:  # no empty ** to merge: a quarter of a microsecond a call
+                        resp = await session.request(
+                            method, url, params=params, data=body, headers=all_headers,
+                            allow_redirects=False, timeout=timeout)
+                    self._usage.note(self.customer, resp.headers.get("Sforce-Limit-Info"))
+                    status = resp.status
+                    if status < 300:
+                        return resp
+                    if status != 401:
+                        raise _answer_error(status, resp.headers, await _discard(resp))
+                    if refreshed:
+                        # A session newer than the one that failed is refused too: no
+                        # refresh cures this, and each one burns a rotation. Stop
+                        # refreshing for a while.
+                        refused = _error(status, await _discard(resp))
+                        raise await manager.reject_session(
+                            self.customer, creds.access_token,
+                            f"{refused.error_code}: {refused.message}")
+                    await _discard(resp)
+                    creds = await manager.refresh(self.customer, stale=creds.access_token)
+                    refreshed = True
+            except (ServerUnavailable, aiohttp.ClientConnectionError,
+                    aiohttp.ClientPayloadError, TimeoutError) as exc:
+                failures += 1
+                await asyncio.sleep(self._pause(exc, failures, method, idempotent))
+            except RequestLimitExceeded as exc:
+                self._usage.exhausted(self.customer, time.monotonic()
+                                      + self.retry.limit_cooldown)
+                exc.limit_info = self.limit_info
+                raise
 
-    def _path(self, path: str) -> str:
-        if path.startswith("/services/"):
-            return path
-        return f"{self.base_path}/{path.lstrip('/')}"
-
-    async def _authorized(self, method: str, path: str, params: dict[str, str] | None,
-                          data: Body | None, content_type: str | None,
-                          headers: dict[str, str], timeout: aiohttp.ClientTimeout
-                          ) -> aiohttp.ClientResponse:
-        creds = await self.manager.credentials(self.customer)
-        if self._negotiate:
-            self.api_version = await negotiate(
-                self.session, creds.instance_url, self.max_api_version,
-                self.manager.oauth.config.request_options(creds.instance_url))
-        target = self._path(path)
-        resp = await self._open(creds, method, target, params, data, content_type, headers,
-                                timeout)
-        if resp.status == 401:
-            await _discard(resp)
-            creds = await self.manager.refresh(self.customer, stale=creds.access_token)
-            resp = await self._open(creds, method, target, params, data, content_type,
-                                    headers, timeout)
-            if resp.status == 401:
-                # A session newer than the one that failed is refused too: no refresh
-                # cures this, and each one burns a rotation. Stop refreshing for a while.
-                refused = self._answer_error(resp.status, await _discard(resp))
-                raise await self.manager.reject_session(
-                    self.customer, creds.access_token, f"{refused.error_code}: {refused.message}")
-        if resp.status >= 300:
-            raw = await _discard(resp)
-            self._answer(resp.status, dict(resp.headers), raw)  # raises
-        return resp
-
-    @staticmethod
-    def _answer_error(status: int, raw: bytes) -> SalesforceError:
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            body = None
-        return error_from(status, body)
-
-    async def _open(self, creds: Credentials, method: str, path: str,
-                    params: dict[str, str] | None, data: Body | None,
-                    content_type: str | None, headers: dict[str, str],
-                    timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-        all_headers = {"Authorization": f"Bearer {creds.access_token}",
-                       "Accept": "application/json", **headers}
+    def _headers(self, creds: Credentials, headers: dict[str, str] | None, data: Body | None,
+                 content_type: str | None) -> tuple[_Prepared, dict[str, str]]:
+        """This token's prepared options, and the headers of one request."""
+        config = self.manager.oauth.config
+        prepared = self._prepared
+        if prepared is None or prepared.credentials is not creds or prepared.config is not config:
+            prepared = self._prepared = _Prepared(creds, config)
+        if not headers and (data is None or not content_type):
+            return prepared, prepared.headers  # aiohttp copies it: shared, never changed
+        all_headers = {"Authorization": prepared.authorization, "Accept": "application/json",
+                       **(headers or {})}
         if data is not None and content_type:
             all_headers["Content-Type"] = content_type
-        options = self.manager.oauth.config.request_options(creds.instance_url)
-        all_headers.update(options.pop("headers", {}))
-        body = data() if callable(data) else data
-        resp = await self.session.request(
-            method, creds.instance_url + path, params=params, data=body,
-            headers=all_headers, allow_redirects=False, timeout=timeout, **options)
-        info = parse_limit_info(resp.headers.get("Sforce-Limit-Info"))
-        if info is not None:
-            self._usage.record(self.customer, info)
-        return resp
+        all_headers.update(prepared.proxy_headers)
+        return prepared, all_headers
 
-    def _answer(self, status: int, headers: dict[str, str], raw: bytes) -> Response:
-        if 300 <= status < 400:
-            raise InvalidResponse(status, "INVALID_RESPONSE",
-                                  "Salesforce answered with a redirect; not followed")
-        body: Any = None
-        if raw:
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                if status < 400:
-                    raise InvalidResponse(status, "INVALID_RESPONSE",
-                                          "answer is not JSON") from None
-                body = None
-        if status >= 400:
-            error = error_from(status, body)
-            if status in (429, 503) and not isinstance(error, ServerUnavailable):
-                error = ServerUnavailable(status, error.error_code, error.message)
-            error.retry_after = parse_retry_after(headers.get("Retry-After"))
-            raise error
-        return Response(status, headers, body)
+    def _pause(self, exc: Exception, failures: int, method: str, idempotent: bool | None
+               ) -> float:
+        """Seconds before the next try after ``exc``, else raise the error to give up with."""
+        pause = self.retry.delay(failures)
+        asked = exc.retry_after if isinstance(exc, SalesforceError) else None
+        if asked is not None:
+            pause = max(pause, asked)
+        retryable = method in _IDEMPOTENT if idempotent is None else idempotent
+        if not retryable or failures >= self.retry.attempts or \
+                (asked is not None and asked > MAX_RETRY_AFTER):
+            if isinstance(exc, SalesforceError):
+                raise exc
+            raise ServerUnavailable(0, "CONNECTION_ERROR",
+                                    f"{type(exc).__name__} talking to Salesforce") from None
+        return pause
 
     # -- queries --------------------------------------------------------------
 
     async def query(self, soql: str) -> QueryResult:
         """The first page of a SOQL query (build it with :func:`sfrtr.format_soql`)."""
-        return _page(await self.request("GET", "query", params={"q": soql}))
+        return await self._query_page("query", {"q": soql})
 
     async def query_all(self, soql: str) -> QueryResult:
         """Like :meth:`query`, including deleted and archived records."""
-        return _page(await self.request("GET", "queryAll", params={"q": soql}))
+        return await self._query_page("queryAll", {"q": soql})
 
     async def query_more(self, next_records_url: str) -> QueryResult:
         """The page at ``next_records_url`` (from a previous :class:`QueryResult`)."""
         if not next_records_url.startswith("/services/data/"):
             raise ValueError("next_records_url is the path Salesforce returned")
-        return _page(await self.request("GET", next_records_url))
+        _check_path(next_records_url)
+        return await self._query_page(next_records_url, None)
 
     async def iter_query(self, soql: str, *, include_deleted: bool = False,
                          batch_size: int | None = None) -> AsyncIterator[dict[str, Any]]:
         """Every record of the query, across pages, fetched as you iterate."""
         headers = {"Sforce-Query-Options": f"batchSize={batch_size}"} if batch_size else None
-        page = _page(await self.request("GET", "queryAll" if include_deleted else "query",
-                                        params={"q": soql}, headers=headers))
+        page = await self._query_page("queryAll" if include_deleted else "query",
+                                      {"q": soql}, headers)
         while True:
             for record in page.records:
                 yield record
             if page.done or page.next_records_url is None:
                 return
-            page = _page(await self.request("GET", page.next_records_url, headers=headers))
+            _check_path(page.next_records_url)
+            page = await self._query_page(page.next_records_url, None, headers)
 
     async def search(self, sosl: str) -> list[dict[str, Any]]:
         """The records a SOSL search finds."""
@@ -545,6 +559,83 @@ class Client:
                                    json=json, params=params, headers=headers)).body
 
 
+class _Prepared:
+    """Headers and proxy options for one :class:`Credentials` object and config.
+
+    Built when the token (or the config) changes, not per call. It holds the
+    bearer token, so its repr says nothing about it.
+    """
+
+    __slots__ = ("authorization", "config", "credentials", "headers", "options",
+                 "proxy_headers")
+
+    def __init__(self, credentials: Credentials, config: OAuthConfig) -> None:
+        self.credentials = credentials
+        self.config = config
+        self.authorization = f"Bearer {credentials.access_token}"
+        options = config.request_options(credentials.instance_url)
+        self.proxy_headers: dict[str, str] = options.pop("headers", {})
+        self.options: dict[str, Any] = options
+        self.headers = {"Authorization": self.authorization, "Accept": "application/json",
+                        **self.proxy_headers}
+
+    def __repr__(self) -> str:
+        return "<prepared request headers>"
+
+
+def _check_path(path: str) -> None:
+    split = urlsplit(path)
+    if split.scheme or split.netloc:
+        raise ValueError("pass a path, not a URL: tokens only go to the instance URL")
+
+
+@functools.lru_cache(maxsize=64)
+def _total_timeout(wait: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=wait)
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_timeout(wait: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(sock_connect=wait, sock_read=wait)
+
+
+def _decoded(status: int, raw: bytes) -> Any:
+    """A 2xx answer's JSON body (None when empty)."""
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidResponse(status, "INVALID_RESPONSE", "answer is not JSON") from None
+
+
+def _error(status: int, raw: bytes) -> SalesforceError:
+    try:
+        body = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        body = None
+    return error_from(status, body)
+
+
+def _answer_error(status: int, headers: Mapping[str, str], raw: bytes) -> SalesforceError:
+    """The error to raise for a 3xx, 4xx or 5xx answer."""
+    if status < 400:
+        return InvalidResponse(status, "INVALID_RESPONSE",
+                               "Salesforce answered with a redirect; not followed")
+    error = _error(status, raw)
+    if status in (429, 503) and not isinstance(error, ServerUnavailable):
+        error = ServerUnavailable(status, error.error_code, error.message)
+    error.retry_after = parse_retry_after(headers.get("Retry-After"))
+    return error
+
+
+async def _read_body(resp: aiohttp.ClientResponse) -> bytes:
+    length = resp.content_length
+    if length is not None and length <= MAX_BODY:
+        return await resp.read()  # aiohttp stops at Content-Length
+    return await _read_bounded(resp)
+
+
 async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
     raw = await resp.content.read(MAX_BODY + 1)
     while len(raw) <= MAX_BODY and (more := await resp.content.read(MAX_BODY)):
@@ -575,14 +666,14 @@ def _str(body: Any, key: str) -> str:
     return value
 
 
-def _page(response: Response) -> QueryResult:
-    body = _object(response.body)
-    records, total, done = body.get("records"), body.get("totalSize"), body.get("done")
-    next_url = body.get("nextRecordsUrl")
-    if not isinstance(records, list) or not isinstance(total, int) or \
-            not isinstance(done, bool) or (next_url is not None and not isinstance(next_url, str)):
-        raise InvalidResponse(response.status, "INVALID_RESPONSE", "not a query result")
-    return QueryResult(records, total, done, next_url)
+def _page(status: int, body: Any) -> QueryResult:
+    if isinstance(body, dict):
+        records, total, done = body.get("records"), body.get("totalSize"), body.get("done")
+        next_url = body.get("nextRecordsUrl")
+        if isinstance(records, list) and isinstance(total, int) and isinstance(done, bool) \
+                and (next_url is None or isinstance(next_url, str)):
+            return QueryResult(records, total, done, next_url)
+    raise InvalidResponse(status, "INVALID_RESPONSE", "not a query result")
 
 
 __all__ = ["DEFAULT_API_VERSION", "Body", "Client", "LimitInfo", "QueryResult", "Response",

@@ -15,7 +15,9 @@ import time
 import weakref
 from dataclasses import dataclass
 
-_LIMIT_INFO = re.compile(r"api-usage=(\d+)/(\d+)")
+# Anchored: ``per-app-api-usage=2/100(appName=x)`` is the connected app's own
+# budget, not the org's, and must not be read as ``api-usage``.
+_LIMIT_INFO = re.compile(r"(?:^|[\s,])api-usage=(\d+)/(\d+)")
 
 #: The longest ``Retry-After`` honoured; a longer one fails the call instead of
 #: parking a coroutine for minutes.
@@ -58,18 +60,40 @@ def parse_retry_after(header: str | None, *, now: float | None = None) -> float 
 
 
 class ApiUsage:
-    """The last known :class:`LimitInfo` of each customer (one table per manager)."""
+    """The last known :class:`LimitInfo` of each customer (one table per manager).
+
+    Every answer carries the header but few callers read it, so :meth:`note`
+    only checks the raw value (one regex search, a quarter of a parse) and
+    keeps it; it becomes a :class:`LimitInfo` when :meth:`get` or
+    :meth:`snapshot` asks. A value without a readable ``api-usage`` is not
+    kept, so the last usage reported stays, as if parsed on arrival.
+    """
 
     def __init__(self) -> None:
         self._by_customer: dict[str, LimitInfo] = {}
+        self._raw: dict[str, str] = {}
         self._exhausted: dict[str, float] = {}
 
     def get(self, customer: str) -> LimitInfo | None:
         """The customer's last reported usage, or None before its first answer."""
+        raw = self._raw.pop(customer, None)
+        if raw is not None:
+            self._parse(customer, raw)
         return self._by_customer.get(customer)
+
+    def _parse(self, customer: str, raw: str) -> None:
+        info = parse_limit_info(raw)
+        if info is not None:
+            self._by_customer[customer] = info
+
+    def note(self, customer: str, header: str | None) -> None:
+        """Keep an answer's ``Sforce-Limit-Info`` value for ``customer``, unparsed."""
+        if header is not None and _LIMIT_INFO.search(header):
+            self._raw[customer] = header
 
     def record(self, customer: str, info: LimitInfo) -> None:
         """Remember the usage an answer for ``customer`` reported."""
+        self._raw.pop(customer, None)
         self._by_customer[customer] = info
 
     def exhausted(self, customer: str, until: float) -> None:
@@ -80,8 +104,24 @@ class ApiUsage:
         """Until when (monotonic) calls for ``customer`` are held back, if they are."""
         return self._exhausted.get(customer)
 
+    def held_back(self, customer: str) -> float | None:
+        """Seconds calls for ``customer`` are still held back, or None if they are not."""
+        if not self._exhausted:
+            return None
+        until = self._exhausted.get(customer)
+        if until is None:
+            return None
+        left = until - time.monotonic()
+        if left > 0:
+            return left
+        del self._exhausted[customer]
+        return None
+
     def snapshot(self) -> dict[str, LimitInfo]:
         """Every customer's last usage, as a new dict."""
+        for customer, raw in list(self._raw.items()):
+            del self._raw[customer]
+            self._parse(customer, raw)
         return dict(self._by_customer)
 
 
