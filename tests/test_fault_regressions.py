@@ -51,6 +51,8 @@ from tests.conftest import emulator_grant, emulator_oauth
 
 pytestmark = pytest.mark.anyio
 MAX_STALL = 0.1
+"""The longest the loop itself may stall (its own share: a loaded machine that keeps it
+from a core is not the loop freezing; a busy-wait is all its own)."""
 
 
 def production_oauth(em: Emulator) -> OAuthClient:
@@ -97,8 +99,9 @@ async def test_item1_waiting_on_a_lock_its_lease_dropped_never_freezes_the_loop(
             await asyncio.sleep(1.5)
             assert not waiter.done()  # inside the grace
         waiter.cancel()
-        print(f"\nitem 1 (lock deleted by lease expiry): max stall {monitor.max_stall:.3f}s")
-        assert monitor.max_stall < MAX_STALL
+        print(f"\nitem 1 (lock deleted by lease expiry): max stall {monitor.max_stall:.3f}s, "
+              f"own {monitor.max_own_stall:.3f}s")
+        assert monitor.max_own_stall < MAX_STALL  # the loop's own share, not the machine's
         assert survivor.store.client.round_trips - reads_before < 5  # no polling either
         assert emulator.ledger["redemptions"] == 0
     finally:
@@ -137,8 +140,9 @@ async def test_item1_a_resync_that_finds_the_lock_retaken_never_freezes_the_loop
             await asyncio.sleep(1.5)
             assert not waiter.done()
         waiter.cancel()
-        print(f"\nitem 1 (resync, lock retaken): max stall {monitor.max_stall:.3f}s")
-        assert monitor.max_stall < MAX_STALL
+        print(f"\nitem 1 (resync, lock retaken): max stall {monitor.max_stall:.3f}s, "
+              f"own {monitor.max_own_stall:.3f}s")
+        assert monitor.max_own_stall < MAX_STALL  # the loop's own share, not the machine's
     finally:
         await holder.store.aclose()
         await survivor.store.aclose()
