@@ -813,21 +813,47 @@ class TokenManager:
                            current: Versioned) -> _Entry | None:
         """Run the critical section in a task of its own: from the acquire on, a
         refresh token may get burnt, and nothing (a caller's cancellation, a plain
-        ``task.cancel()`` of the flight) may stop it before the outcome is stored."""
-        task = asyncio.get_running_loop().create_task(self._section(customer, step, current))
-        self._sections[customer] = task
-        task.add_done_callback(functools.partial(self._section_done, customer))
+        ``task.cancel()`` of the flight) may stop it before the outcome is stored.
+
+        The flight waits on a future the section settles itself (what
+        ``asyncio.shield`` of the task would give, without its outer future and
+        two done-callbacks): cancelling the flight cancels only that future."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[_Entry | None] = loop.create_future()
+        self._sections[customer] = loop.create_task(
+            self._section_into(outcome, customer, step, current))
         try:
-            return await asyncio.shield(task)
+            return await outcome
         except _Preempted:
             return None
 
-    def _section_done(self, customer: str, task: asyncio.Task[_Entry | None]) -> None:
-        if self._sections.get(customer) is task:
-            del self._sections[customer]
-        # The exception is retrieved here; the flight (if still there) re-raises it.
-        if task.cancelled() or task.exception() is not None:
+    async def _section_into(self, outcome: asyncio.Future[_Entry | None], customer: str,
+                            step: protocol.Step, current: Versioned) -> _Entry | None:
+        """The section's task: its end goes to ``outcome`` unless the flight is gone.
+        An exception is handed over, not raised: nobody reads the task's own end."""
+        try:
+            entry = await self._section(customer, step, current)
+        except asyncio.CancelledError:  # the task itself was cancelled (a loop teardown)
+            self._section_done(customer)
             self._retry_unstored(customer)
+            outcome.cancel()
+            raise
+        except BaseException as exc:
+            self._section_done(customer)
+            self._retry_unstored(customer)
+            if not outcome.done():
+                outcome.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return None
+        self._section_done(customer)
+        if not outcome.done():
+            outcome.set_result(entry)
+        return entry
+
+    def _section_done(self, customer: str) -> None:
+        if self._sections.get(customer) is asyncio.current_task():
+            del self._sections[customer]
 
     # -- the critical section ---------------------------------------------------
 
@@ -946,8 +972,9 @@ class TokenManager:
         window closes, which the whole request must fit in."""
         held = section.held
         fp = held.refresh_token.fingerprint
-        log.debug("redeeming refresh %s for %s", fp, customer,
-                  extra=self._fields(customer, held.refresh_token))
+        if log.isEnabledFor(logging.DEBUG):  # not a dict of fields per refresh for nothing
+            log.debug("redeeming refresh %s for %s", fp, customer,
+                      extra=self._fields(customer, held.refresh_token))
         if self.policy.recovery == "reuse_window" and not retry:
             # This worker presents the token first: the window cannot open earlier.
             self._presented[customer] = (fp, _monotonic())
@@ -1022,7 +1049,10 @@ class TokenManager:
         if record.status is not Status.VALID:
             return None
         self.hooks.refreshed(customer, record.generation)
-        entry = self._cache_put(customer, record, committed.version)
+        entry = self._cache.get(customer)
+        if entry is None or entry.version != committed.version:
+            # The store's change callback usually cached this very version already.
+            entry = self._cache_put(customer, record, committed.version)
         if self.policy.learn_expiry:
             await self._learn_expiry(customer, record, committed.version)
         return entry
