@@ -12,6 +12,7 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,30 +217,30 @@ class OAuthClient:
         slots = self._slots
         if slots is None:
             slots = self._slots = asyncio.Semaphore(self.config.max_concurrent)
-        async with slots:  # waiting here sends nothing and starts no deadline
+        # Not ``async with``: a storm queues here, and every coroutine it keeps alive
+        # while it waits is one more object for the garbage collector to walk.
+        await slots.acquire()  # waiting here sends nothing and starts no deadline
+        try:
             if budget is not None:
                 left = budget()
                 if left is not None and left < self.config.exchange_limit:
                     raise _NoBudget(left)
-            return await self._post_now(url, form)
-
-    async def _post_now(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
-        """The exchange, in the caller's own task, under a :class:`_Deadline`.
-
-        No task of its own: a deadline that runs out cancels the calling task
-        (as ``asyncio.timeout`` does) and the cancellation comes back out as a
-        ``TimeoutError``; one the caller asked for stays a cancellation."""
-        task = asyncio.current_task()
-        assert task is not None
-        deadline = _Deadline(task, self.config)
-        try:
-            return await self._exchange(url, form, deadline)
-        except asyncio.CancelledError:
-            if deadline.settle():
-                raise TimeoutError("token endpoint did not answer in time") from None
-            raise
+            # The exchange runs in this task (no task of its own): a deadline that
+            # runs out cancels it, as ``asyncio.timeout`` does, and the cancellation
+            # comes back out as a TimeoutError; one the caller asked for stays one.
+            task = asyncio.current_task()
+            assert task is not None
+            deadline = _Deadline(task, self.config)
+            try:
+                return await self._exchange(url, form, deadline)
+            except asyncio.CancelledError:
+                if deadline.settle():
+                    raise TimeoutError("token endpoint did not answer in time") from None
+                raise
+            finally:
+                deadline.disarm()
         finally:
-            deadline.disarm()
+            slots.release()
 
     async def _exchange(self, url: str, form: dict[str, str],
                         answered: _Deadline) -> tuple[int, bytes]:
@@ -487,8 +488,12 @@ _NO_OPTIONS: dict[str, Any] = {}
 def _encode(form: dict[str, str]) -> bytes:
     """The form, urlencoded as ``urlencode`` does (and aiohttp would, through its
     FormData machinery, on every token request)."""
-    return "&".join([f"{_KEYS.get(k) or quote_plus(k)}={quote_plus(v)}"
+    return "&".join([f"{_KEYS.get(k) or quote_plus(k)}={v if _PLAIN(v) else quote_plus(v)}"
                      for k, v in form.items()]).encode("ascii")
+
+
+#: What ``quote_plus`` leaves as it is (most tokens and ids are only that).
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
 
 #: The field names this client sends, which need no quoting.
