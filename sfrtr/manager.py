@@ -156,7 +156,7 @@ class _Entry:
             self.timer = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Section:
     """One critical section: the lock is ours at ``fence`` until its outcome is stored.
 
@@ -821,35 +821,11 @@ class TokenManager:
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[_Entry | None] = loop.create_future()
         self._sections[customer] = loop.create_task(
-            self._section_into(outcome, customer, step, current))
+            self._section(outcome, customer, step, current))
         try:
             return await outcome
         except _Preempted:
             return None
-
-    async def _section_into(self, outcome: asyncio.Future[_Entry | None], customer: str,
-                            step: protocol.Step, current: Versioned) -> _Entry | None:
-        """The section's task: its end goes to ``outcome`` unless the flight is gone.
-        An exception is handed over, not raised: nobody reads the task's own end."""
-        try:
-            entry = await self._section(customer, step, current)
-        except asyncio.CancelledError:  # the task itself was cancelled (a loop teardown)
-            self._section_done(customer)
-            self._retry_unstored(customer)
-            outcome.cancel()
-            raise
-        except BaseException as exc:
-            self._section_done(customer)
-            self._retry_unstored(customer)
-            if not outcome.done():
-                outcome.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return None
-        self._section_done(customer)
-        if not outcome.done():
-            outcome.set_result(entry)
-        return entry
 
     def _section_done(self, customer: str) -> None:
         if self._sections.get(customer) is asyncio.current_task():
@@ -889,37 +865,62 @@ class TokenManager:
             left = window if left is None else min(left, window)
         return left
 
-    async def _section(self, customer: str, step: protocol.Step,
-                       current: Versioned) -> _Entry | None:
-        intent = self._intent(current.record)
-        grants = self._grants.get(customer, 0)
-        # Until the acquire's answer says otherwise, it may have landed unseen.
-        pending = self._unsent.setdefault(customer, {})
-        pending[intent.id] = (current.version, current.record)
+    async def _section(self, outcome: asyncio.Future[_Entry | None], customer: str,
+                       step: protocol.Step, current: Versioned) -> _Entry | None:
+        """The section's task: acquire, then redeem, recover or revive. Its end goes
+        to ``outcome`` unless the flight is gone; an exception is handed over, not
+        raised (nobody reads the task's own end). One coroutine, not a wrapper
+        around another: a storm keeps a thousand of these waiting for a slot."""
         try:
-            acquired = await self.store.acquire(customer, current.version, intent)
-        except LeaseLost:
-            self._forget_unsent(customer, intent.id)  # etcd refused the write: nothing landed
+            entry: _Entry | None = None
+            intent = self._intent(current.record)
+            grants = self._grants.get(customer, 0)
+            # Until the acquire's answer says otherwise, it may have landed unseen.
+            pending = self._unsent.setdefault(customer, {})
+            pending[intent.id] = (current.version, current.record)
+            try:
+                acquired = await self.store.acquire(customer, current.version, intent)
+            except LeaseLost:
+                self._forget_unsent(customer, intent.id)  # etcd refused it: nothing landed
+                raise
+            self._forget_unsent(customer, intent.id)
+            if acquired is not None:  # else lost the race; plan again
+                held = current.record
+                if isinstance(step, protocol.Recover | protocol.Revive):
+                    held = protocol.released_record(current.record)
+                landed = acquired.record.intent if acquired.record.intent is not None \
+                    else intent
+                section = _Section(landed, current.record, held, acquired.version,
+                                   customer=customer, grants=grants)
+                del acquired  # not kept alive through the wait for a slot
+                self._unfinished[customer] = section
+                try:
+                    if isinstance(step, protocol.Revive):
+                        entry = await self._revive(customer, section, current.record)
+                    elif isinstance(step, protocol.Recover):
+                        entry = await self._recover(customer, section, current.record)
+                    else:
+                        entry = await self._redeem(customer, section)
+                except _Preempted:
+                    self._finished(customer, section)
+                    raise
+        except asyncio.CancelledError:  # the task itself was cancelled (a loop teardown)
+            self._section_done(customer)
+            self._retry_unstored(customer)
+            outcome.cancel()
             raise
-        self._forget_unsent(customer, intent.id)
-        if acquired is None:
-            return None  # lost the race; plan again
-        held = current.record
-        if isinstance(step, protocol.Recover | protocol.Revive):
-            held = protocol.released_record(current.record)
-        landed = acquired.record.intent if acquired.record.intent is not None else intent
-        section = _Section(landed, current.record, held, acquired.version,
-                           customer=customer, grants=grants)
-        self._unfinished[customer] = section
-        try:
-            if isinstance(step, protocol.Revive):
-                return await self._revive(customer, section, current.record)
-            if isinstance(step, protocol.Recover):
-                return await self._recover(customer, section, current.record)
-            return await self._redeem(customer, section)
-        except _Preempted:
-            self._finished(customer, section)
-            raise
+        except BaseException as exc:
+            self._section_done(customer)
+            self._retry_unstored(customer)
+            if not outcome.done():
+                outcome.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return None
+        self._section_done(customer)
+        if not outcome.done():
+            outcome.set_result(entry)
+        return entry
 
     def _forget_unsent(self, customer: str, intent_id: str) -> None:
         pending = self._unsent.get(customer)
