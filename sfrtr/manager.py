@@ -815,21 +815,37 @@ class TokenManager:
         refresh token may get burnt, and nothing (a caller's cancellation, a plain
         ``task.cancel()`` of the flight) may stop it before the outcome is stored.
 
-        The flight waits on a future the section settles itself (what
-        ``asyncio.shield`` of the task would give, without its outer future and
-        two done-callbacks): cancelling the flight cancels only that future."""
+        The flight waits on a future that the task's one done-callback settles
+        (what ``asyncio.shield`` of the task gives, without its outer future and
+        second callback): cancelling the flight cancels only that future. Settled
+        from a callback, not from inside the section's coroutine, so that a task
+        cancelled before its first step (its coroutine never runs) still ends the
+        flight's wait."""
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[_Entry | None] = loop.create_future()
-        self._sections[customer] = loop.create_task(
-            self._section(outcome, customer, step, current))
+        task = loop.create_task(self._section(customer, step, current))
+        self._sections[customer] = task
+        task.add_done_callback(functools.partial(self._section_done, customer, outcome))
         try:
             return await outcome
         except _Preempted:
             return None
 
-    def _section_done(self, customer: str) -> None:
-        if self._sections.get(customer) is asyncio.current_task():
+    def _section_done(self, customer: str, outcome: asyncio.Future[_Entry | None],
+                      task: asyncio.Task[_Entry | None]) -> None:
+        if self._sections.get(customer) is task:
             del self._sections[customer]
+        if task.cancelled():
+            self._retry_unstored(customer)
+            outcome.cancel()
+            return
+        exc = task.exception()  # retrieved here; the flight (if still there) re-raises it
+        if exc is not None:
+            self._retry_unstored(customer)
+            if not outcome.done():
+                outcome.set_exception(exc)
+        elif not outcome.done():
+            outcome.set_result(task.result())
 
     # -- the critical section ---------------------------------------------------
 
@@ -865,62 +881,38 @@ class TokenManager:
             left = window if left is None else min(left, window)
         return left
 
-    async def _section(self, outcome: asyncio.Future[_Entry | None], customer: str,
-                       step: protocol.Step, current: Versioned) -> _Entry | None:
-        """The section's task: acquire, then redeem, recover or revive. Its end goes
-        to ``outcome`` unless the flight is gone; an exception is handed over, not
-        raised (nobody reads the task's own end). One coroutine, not a wrapper
-        around another: a storm keeps a thousand of these waiting for a slot."""
+    async def _section(self, customer: str, step: protocol.Step,
+                       current: Versioned) -> _Entry | None:
+        intent = self._intent(current.record)
+        grants = self._grants.get(customer, 0)
+        # Until the acquire's answer says otherwise, it may have landed unseen.
+        pending = self._unsent.setdefault(customer, {})
+        pending[intent.id] = (current.version, current.record)
         try:
-            entry: _Entry | None = None
-            intent = self._intent(current.record)
-            grants = self._grants.get(customer, 0)
-            # Until the acquire's answer says otherwise, it may have landed unseen.
-            pending = self._unsent.setdefault(customer, {})
-            pending[intent.id] = (current.version, current.record)
-            try:
-                acquired = await self.store.acquire(customer, current.version, intent)
-            except LeaseLost:
-                self._forget_unsent(customer, intent.id)  # etcd refused it: nothing landed
-                raise
-            self._forget_unsent(customer, intent.id)
-            if acquired is not None:  # else lost the race; plan again
-                held = current.record
-                if isinstance(step, protocol.Recover | protocol.Revive):
-                    held = protocol.released_record(current.record)
-                landed = acquired.record.intent if acquired.record.intent is not None \
-                    else intent
-                section = _Section(landed, current.record, held, acquired.version,
-                                   customer=customer, grants=grants)
-                del acquired  # not kept alive through the wait for a slot
-                self._unfinished[customer] = section
-                try:
-                    if isinstance(step, protocol.Revive):
-                        entry = await self._revive(customer, section, current.record)
-                    elif isinstance(step, protocol.Recover):
-                        entry = await self._recover(customer, section, current.record)
-                    else:
-                        entry = await self._redeem(customer, section)
-                except _Preempted:
-                    self._finished(customer, section)
-                    raise
-        except asyncio.CancelledError:  # the task itself was cancelled (a loop teardown)
-            self._section_done(customer)
-            self._retry_unstored(customer)
-            outcome.cancel()
+            acquired = await self.store.acquire(customer, current.version, intent)
+        except LeaseLost:
+            self._forget_unsent(customer, intent.id)  # etcd refused the write: nothing landed
             raise
-        except BaseException as exc:
-            self._section_done(customer)
-            self._retry_unstored(customer)
-            if not outcome.done():
-                outcome.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return None
-        self._section_done(customer)
-        if not outcome.done():
-            outcome.set_result(entry)
-        return entry
+        self._forget_unsent(customer, intent.id)
+        if acquired is None:
+            return None  # lost the race; plan again
+        held = current.record
+        if isinstance(step, protocol.Recover | protocol.Revive):
+            held = protocol.released_record(current.record)
+        landed = acquired.record.intent if acquired.record.intent is not None else intent
+        section = _Section(landed, current.record, held, acquired.version,
+                           customer=customer, grants=grants)
+        del acquired  # not kept alive through the wait for a slot
+        self._unfinished[customer] = section
+        try:
+            if isinstance(step, protocol.Revive):
+                return await self._revive(customer, section, current.record)
+            if isinstance(step, protocol.Recover):
+                return await self._recover(customer, section, current.record)
+            return await self._redeem(customer, section)
+        except _Preempted:
+            self._finished(customer, section)
+            raise
 
     def _forget_unsent(self, customer: str, intent_id: str) -> None:
         pending = self._unsent.get(customer)
