@@ -370,24 +370,31 @@ async def refresh_cpu(em: EmulatorProcess, customers: int = 1000, etcd: bool = T
             for name, runs in samples.items()]
 
 
-async def run(quick: bool = False, etcd: bool = True) -> dict[str, list[dict[str, Any]]]:
+PARTS = ("query_throughput", "expiry_storm", "refresh_cpu")
+
+
+async def run(quick: bool = False, etcd: bool = True,
+              parts: tuple[str, ...] = PARTS) -> dict[str, list[dict[str, Any]]]:
+    results: dict[str, list[dict[str, Any]]] = {}
     with EmulatorProcess() as em:
-        return {
-            "query_throughput": await query_throughput(
+        if "query_throughput" in parts:
+            results["query_throughput"] = await query_throughput(
                 em, workers=5 if quick else 50, calls=50 if quick else 5000,
-                rounds=1 if quick else 3),
-            "expiry_storm": await expiry_storm(em, customers=3 if quick else 20,
-                                               coroutines=5 if quick else 50),
-            "refresh_cpu": await refresh_cpu(em, customers=20 if quick else 1000, etcd=etcd,
-                                             rounds=1 if quick else 3),
-        }
+                rounds=1 if quick else 3)
+        if "expiry_storm" in parts:
+            results["expiry_storm"] = await expiry_storm(em, customers=3 if quick else 20,
+                                                         coroutines=5 if quick else 50)
+        if "refresh_cpu" in parts:
+            results["refresh_cpu"] = await refresh_cpu(
+                em, customers=20 if quick else 1000, etcd=etcd, rounds=1 if quick else 3)
+    return results
 
 
-def main_tables(*, quick: bool, etcd: bool) -> None:
-    """Run all three, print their tables and write their JSON."""
+def main_tables(*, quick: bool, etcd: bool, parts: tuple[str, ...] = PARTS) -> None:
+    """Run them (all three by default), print their tables and write their JSON."""
     from benchmarks import report
 
-    results = asyncio.run(run(quick, etcd=etcd))
+    results = asyncio.run(run(quick, etcd=etcd, parts=parts))
     titles = {"query_throughput": "Query throughput against simple_salesforce (emulator in "
                                   "its own process)",
               "expiry_storm": "Expiry storm: every session expires under load",
@@ -401,8 +408,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.alternatives")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--no-etcd", action="store_true", help="skip the etcd store")
+    parser.add_argument("--only", choices=PARTS, action="append",
+                        help="run only this part (may be repeated)")
     args = parser.parse_args()
-    main_tables(quick=args.quick, etcd=not args.no_etcd)
+    main_tables(quick=args.quick, etcd=not args.no_etcd, parts=tuple(args.only or PARTS))
 
 
 if __name__ == "__main__":

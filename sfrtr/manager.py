@@ -159,7 +159,7 @@ class _Entry:
             self.timer = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Section:
     """One critical section: the lock is ours at ``fence`` until its outcome is stored.
 
@@ -853,21 +853,39 @@ class TokenManager:
                            current: Versioned) -> _Entry | None:
         """Run the critical section in a task of its own: from the acquire on, a
         refresh token may get burnt, and nothing (a caller's cancellation, a plain
-        ``task.cancel()`` of the flight) may stop it before the outcome is stored."""
-        task = asyncio.get_running_loop().create_task(self._section(customer, step, current))
+        ``task.cancel()`` of the flight) may stop it before the outcome is stored.
+
+        The flight waits on a future that the task's one done-callback settles
+        (what ``asyncio.shield`` of the task gives, without its outer future and
+        second callback): cancelling the flight cancels only that future. Settled
+        from a callback, not from inside the section's coroutine, so that a task
+        cancelled before its first step (its coroutine never runs) still ends the
+        flight's wait."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[_Entry | None] = loop.create_future()
+        task = loop.create_task(self._section(customer, step, current))
         self._sections[customer] = task
-        task.add_done_callback(functools.partial(self._section_done, customer))
+        task.add_done_callback(functools.partial(self._section_done, customer, outcome))
         try:
-            return await asyncio.shield(task)
+            return await outcome
         except _Preempted:
             return None
 
-    def _section_done(self, customer: str, task: asyncio.Task[_Entry | None]) -> None:
+    def _section_done(self, customer: str, outcome: asyncio.Future[_Entry | None],
+                      task: asyncio.Task[_Entry | None]) -> None:
         if self._sections.get(customer) is task:
             del self._sections[customer]
-        # The exception is retrieved here; the flight (if still there) re-raises it.
-        if task.cancelled() or task.exception() is not None:
+        if task.cancelled():
             self._retry_unstored(customer)
+            outcome.cancel()
+            return
+        exc = task.exception()  # retrieved here; the flight (if still there) re-raises it
+        if exc is not None:
+            self._retry_unstored(customer)
+            if not outcome.done():
+                outcome.set_exception(exc)
+        elif not outcome.done():
+            outcome.set_result(task.result())
 
     # -- the critical section ---------------------------------------------------
 
@@ -924,6 +942,7 @@ class TokenManager:
         landed = acquired.record.intent if acquired.record.intent is not None else intent
         section = _Section(landed, current.record, held, acquired.version,
                            customer=customer, grants=grants)
+        del acquired  # not kept alive through the wait for a slot
         self._unfinished[customer] = section
         try:
             if isinstance(step, protocol.Revive):
@@ -986,8 +1005,9 @@ class TokenManager:
         window closes, which the whole request must fit in."""
         held = section.held
         fp = held.refresh_token.fingerprint
-        log.debug("redeeming refresh %s for %s", fp, customer,
-                  extra=self._fields(customer, held.refresh_token))
+        if log.isEnabledFor(logging.DEBUG):  # not a dict of fields per refresh for nothing
+            log.debug("redeeming refresh %s for %s", fp, customer,
+                      extra=self._fields(customer, held.refresh_token))
         if self.policy.recovery == "reuse_window" and not retry:
             # This worker presents the token first: the window cannot open earlier.
             self._presented[customer] = (fp, _monotonic())
@@ -1062,7 +1082,10 @@ class TokenManager:
         if record.status is not Status.VALID:
             return None
         self.hooks.refreshed(customer, record.generation)
-        entry = self._cache_put(customer, record, committed.version)
+        entry = self._cache.get(customer)
+        if entry is None or entry.version != committed.version:
+            # The store's change callback usually cached this very version already.
+            entry = self._cache_put(customer, record, committed.version)
         if self.policy.learn_expiry:
             await self._learn_expiry(customer, record, committed.version)
         return entry

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode
 
 import aiohttp
 import orjson
@@ -206,57 +206,54 @@ class OAuthClient:
         wakes with both the answer and the expired timer ready). If the
         answer's head arrived, the body gets ``answer_grace`` more seconds.
 
-        ``budget`` is asked after the wait for a slot, inside the task that
-        makes the request, with no await between the check and the exchange's
-        start: if it gives less than :attr:`OAuthConfig.exchange_limit` seconds,
-        :class:`_NoBudget` is raised and nothing is sent (the caller's lease
-        would not cover the request). Checked before the task started, a pause
-        of the process in between (one loop iteration is enough for a GC pause
-        or a SIGSTOP to land) let a request leave long after its lease.
+        ``budget`` is asked after the wait for a slot, with no await between
+        the check and the exchange's start: if it gives less than
+        :attr:`OAuthConfig.exchange_limit` seconds, :class:`_NoBudget` is
+        raised and nothing is sent (the caller's lease would not cover the
+        request). Checked before a wait, a pause of the process in between
+        (one loop iteration is enough for a GC pause or a SIGSTOP to land) let
+        a request leave long after its lease.
         """
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.config.max_concurrent)
-        async with self._slots:  # waiting here sends nothing and starts no deadline
-            return await self._post_now(url, form, budget)
-
-    async def _budgeted(self, url: str, form: dict[str, str], answered: asyncio.Event,
-                        budget: Callable[[], float | None] | None) -> tuple[int, bytes]:
-        if budget is not None:
-            left = budget()
-            if left is not None and left < self.config.exchange_limit:
-                raise _NoBudget(left)
-        return await self._exchange(url, form, answered)
-
-    async def _post_now(self, url: str, form: dict[str, str],
-                        budget: Callable[[], float | None] | None = None) -> tuple[int, bytes]:
-        answered = asyncio.Event()
-        exchange = asyncio.ensure_future(self._budgeted(url, form, answered, budget))
+        slots = self._slots
+        if slots is None:
+            slots = self._slots = asyncio.Semaphore(self.config.max_concurrent)
+        # Not ``async with``: a storm queues here, and every coroutine it keeps alive
+        # while it waits is one more object for the garbage collector to walk.
+        await slots.acquire()  # waiting here sends nothing and starts no deadline
         try:
-            done, _ = await asyncio.wait({exchange}, timeout=self.config.timeout)
-            if not done:
-                # A process that was paused wakes with the timer and the answer
-                # both ready; give the answer a moment to be parsed first.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(answered.wait(), self.config.head_grace)
-                if answered.is_set() and not exchange.done():
-                    await asyncio.wait({exchange}, timeout=self.config.answer_grace)
-            if not exchange.done():
-                raise TimeoutError("token endpoint did not answer in time")
-            return exchange.result()
+            if budget is not None:
+                left = budget()
+                if left is not None and left < self.config.exchange_limit:
+                    raise _NoBudget(left)
+            # The exchange runs in this task (no task of its own): a deadline that
+            # runs out cancels it, as ``asyncio.timeout`` does, and the cancellation
+            # comes back out as a TimeoutError; one the caller asked for stays one.
+            task = asyncio.current_task()
+            assert task is not None
+            deadline = _Deadline(task, self.config)
+            try:
+                return await self._exchange(url, form, deadline)
+            except asyncio.CancelledError:
+                if deadline.settle():
+                    raise TimeoutError("token endpoint did not answer in time") from None
+                raise
+            finally:
+                deadline.disarm()
         finally:
-            if not exchange.done():
-                exchange.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await exchange
+            slots.release()
 
     async def _exchange(self, url: str, form: dict[str, str],
-                        answered: asyncio.Event) -> tuple[int, bytes]:
-        options = self.config.request_options(url)
-        headers = {"Accept": "application/json", **options.pop("headers", {})}
+                        answered: _Deadline) -> tuple[int, bytes]:
+        if self.config.proxy:
+            options = self.config.request_options(url)
+            headers = {**_HEADERS, **options.pop("headers", {})}
+        else:
+            options, headers = _NO_OPTIONS, _HEADERS
         # Never follow a redirect: a 307/308 would re-post the refresh token and the
         # client secret to whatever host the answer names.
-        async with self.session.post(url, data=form, timeout=self._timeout, headers=headers,
-                                     allow_redirects=False, **options) as resp:
+        async with self.session.post(url, data=_encode(form), timeout=self._timeout,
+                                     headers=headers, allow_redirects=False,
+                                     **options) as resp:
             answered.set()
             body = bytearray()
             while chunk := await resp.content.read(MAX_ANSWER_BYTES + 1 - len(body)):
@@ -406,6 +403,102 @@ class OAuthClient:
             if 200 <= status < 300:
                 raise InvalidTokenResponse("token endpoint answer is not JSON") from None
             return status, None
+
+
+class _Deadline:
+    """A token request's deadline, on the loop's timers, for the task making it.
+
+    At ``timeout`` it looks at whether the answer's head has arrived (:meth:`set`):
+    if so the body gets ``answer_grace`` more seconds; if not, ``head_grace`` is
+    left for a head that may already sit in the socket buffer (a paused process
+    wakes with the timer and the answer both ready), and ``answer_grace`` after
+    it if it comes. Then the task is cancelled, and :meth:`settle` tells that
+    cancellation apart from one the caller asked for. At most
+    :attr:`OAuthConfig.exchange_limit` seconds in all.
+
+    Cancelling the task itself (not a task made for the exchange) is safe because
+    the timers are disarmed with no await between the exchange's end and
+    :meth:`disarm`: a timer can only fire while the task waits inside it.
+    """
+
+    __slots__ = ("answered", "before", "config", "fired", "handle", "loop", "overtime", "task")
+
+    def __init__(self, task: asyncio.Task[Any], config: OAuthConfig) -> None:
+        self.task = task
+        self.config = config
+        self.loop = task.get_loop()
+        self.answered = False
+        self.overtime = False
+        self.fired = False
+        self.before = task.cancelling()  # requests to cancel the task already pending
+        self.handle: asyncio.TimerHandle | None = self.loop.call_later(config.timeout,
+                                                                       self._due)
+
+    def set(self) -> None:
+        """The answer's head has arrived."""
+        if not self.answered:
+            self.answered = True
+            if self.overtime and not self.fired:
+                # In the head's grace: from now on the body's grace.
+                self._arm(self.config.answer_grace, self._expire)
+
+    def is_set(self) -> bool:
+        return self.answered
+
+    def _arm(self, delay: float, then: Callable[[], None]) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.handle = self.loop.call_later(delay, then)
+
+    def _due(self) -> None:
+        self.handle = None
+        self.overtime = True
+        if self.answered:
+            self._arm(self.config.answer_grace, self._expire)
+        else:
+            self._arm(self.config.head_grace, self._expire)
+
+    def _expire(self) -> None:
+        self.handle = None
+        self.fired = True
+        self.task.cancel()
+
+    def settle(self) -> bool:
+        """After a ``CancelledError``: whether it is the deadline's alone (then the
+        task's cancellation request is withdrawn, as ``asyncio.timeout`` does)."""
+        if not self.fired:
+            return False
+        self.fired = False
+        return self.task.uncancel() <= self.before
+
+    def disarm(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        if self.fired:  # fired, but the exchange ended some other way: withdraw it
+            self.fired = False
+            self.task.uncancel()
+
+
+_HEADERS = {"Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded"}
+_NO_OPTIONS: dict[str, Any] = {}
+
+
+def _encode(form: dict[str, str]) -> bytes:
+    """The form, urlencoded as ``urlencode`` does (and aiohttp would, through its
+    FormData machinery, on every token request)."""
+    return "&".join([f"{_KEYS.get(k) or quote_plus(k)}={v if _PLAIN(v) else quote_plus(v)}"
+                     for k, v in form.items()]).encode("ascii")
+
+
+#: What ``quote_plus`` leaves as it is (most tokens and ids are only that).
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
+
+
+#: The field names this client sends, which need no quoting.
+_KEYS = {k: k for k in ("client_id", "client_secret", "grant_type", "refresh_token", "code",
+                        "redirect_uri", "code_verifier", "token", "token_type_hint")}
 
 
 class _NoBudget(Exception):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +40,8 @@ class TokenGrant:
 def signature(identity_url: str, issued_at: str, client_secret: str) -> str:
     """Salesforce's answer signature: base64 HMAC-SHA256 of ``id + issued_at``
     keyed by the client secret (what a token answer's ``signature`` must equal)."""
-    mac = hmac.new(client_secret.encode(), (identity_url + issued_at).encode(), hashlib.sha256)
-    return base64.b64encode(mac.digest()).decode()
+    mac = hmac.digest(client_secret.encode(), (identity_url + issued_at).encode(), "sha256")
+    return base64.b64encode(mac).decode()
 
 
 def parse_grant(body: Any, *, policy: InstanceUrlPolicy,

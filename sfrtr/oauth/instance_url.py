@@ -44,6 +44,21 @@ class InstanceUrlPolicy:
         """The URL's origin (scheme://host[:port]) if allowed; else raise."""
         if not isinstance(url, str) or not url:
             raise InvalidTokenResponse("instance_url is missing or not a string")
+        # Every answer of an org names the same instance: remember what passed (a
+        # refused URL is looked at again each time, and raises again).
+        key = (self, url)
+        try:
+            origin = _ALLOWED.get(key)
+        except TypeError:  # domains given as a list: unhashable, so never cached
+            return self._validate(url)
+        if origin is None:
+            origin = self._validate(url)
+            if len(_ALLOWED) >= _ALLOWED_MAX:
+                _ALLOWED.clear()
+            _ALLOWED[key] = origin
+        return origin
+
+    def _validate(self, url: str) -> str:
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -60,6 +75,10 @@ class InstanceUrlPolicy:
         if self.allow_loopback_http and parts.scheme in ("http", "https") and _loopback(host):
             return origin
         raise InvalidTokenResponse(f"instance_url host {host!r} is not allowed by the policy")
+
+
+_ALLOWED: dict[tuple[InstanceUrlPolicy, str], str] = {}
+_ALLOWED_MAX = 4096
 
 
 def _loopback(host: str) -> bool:

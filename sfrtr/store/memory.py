@@ -20,7 +20,8 @@ from collections.abc import Callable
 from types import TracebackType
 
 from sfrtr.errors import ConfigurationError
-from sfrtr.records import Intent, Status, TokenRecord, Versioned
+from sfrtr.protocol import refreshing_record
+from sfrtr.records import Intent, TokenRecord, Versioned
 
 _LIVE: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
 
@@ -108,8 +109,7 @@ class MemoryStore:
         found = self._records.get(customer)
         if found is None or found[1] != expected_version or customer in self._locked:
             return None
-        return self._store(customer, found[0].replace(status=Status.REFRESHING, intent=intent),
-                           True)
+        return self._store(customer, refreshing_record(found[0], intent), True)
 
     async def commit(self, customer: str, fence: int, record: TokenRecord) -> Versioned | None:
         self._refuse_if_forked()
