@@ -124,7 +124,11 @@ class TokenRecord:
         if self.client_id:
             out["client_id"] = self.client_id
         if self.intent is not None:
-            out["intent"] = dataclasses.asdict(self.intent)
+            intent = self.intent
+            out["intent"] = {"worker": intent.worker,
+                             "refresh_fingerprint": intent.refresh_fingerprint,
+                             "started_at": intent.started_at, "lease": intent.lease,
+                             "id": intent.id, "limit": intent.limit}
         return out
 
     @classmethod
