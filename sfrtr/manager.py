@@ -972,9 +972,24 @@ class TokenManager:
         committed = await self._durably(
             lambda: self.store.commit(customer, section.fence, record))
         if committed is None:
-            raise _Preempted
+            # A retried commit whose first attempt landed (its answer lost) finds the
+            # version moved by its own write: that is this commit, not a takeover, and
+            # the transition it made is this worker's to report (hooks, cache, errors).
+            committed = await self._landed(customer, record)
+            if committed is None:
+                raise _Preempted
         self._finished(customer, section)
         return committed
+
+    async def _landed(self, customer: str, record: TokenRecord) -> Versioned | None:
+        """The stored state if it is exactly ``record`` (our own write), else ``None``."""
+        try:
+            current = await self.store.read(customer)
+        except StoreError:
+            return None  # unknown is not ours: the caller goes on as fenced out
+        if current is None or current.locked or current.record != record:
+            return None
+        return current
 
     async def _durably(self, write: Callable[[], Awaitable[T]]) -> T:
         """Retry a write of the critical section while the store is unreachable.
