@@ -327,6 +327,14 @@ async def test_a_loop_that_runs_no_timers_is_caught_by_the_count_after_the_stagg
             assert await manager.token("acme") == first  # never yields
         assert entry.staggered
         assert not manager._flights.in_flight("acme")
+        # The timer armed for the unstaggered time fires late (this loop ran none):
+        # it only costs a clock read, which re-arms for the staggered time.
+        loop = asyncio.get_running_loop()
+        entry.due(loop)
+        assert entry.calls == 0
+        assert await manager.token("acme") == first
+        assert entry.timer is not None
+        assert abs(entry.timer.when() - loop.time() - (entry.refresh_at - clock())) < 1.0
         clock.offset = entry.refresh_at - time.monotonic() + 0.5
         served = 0
         while await manager.token("acme") == first:
@@ -394,3 +402,43 @@ async def test_a_regranted_holder_does_not_wait_behind_its_own_old_lease(
         await manager.aclose()
         await store.aclose()
         await other.aclose()
+
+
+async def test_a_reauthorization_elsewhere_costs_the_new_grant_one_handoff(
+        emulator: Emulator, etcd_server: LocalEtcd, namespace: str, mirror: str) -> None:
+    """Held (harmless). Process A refreshed ``acme`` (A is its last holder). Process B
+    re-authorizes it (``connect``: a put, which takes no lock). A stays first in line
+    and known for the new grant; a 401 on B pays the handoff once, refreshes (one
+    redemption), and B is first from then on: its next 401 does not wait. If B only
+    ran the web flow and A serves the customer, A staying first is right."""
+    handoff = 0.5
+    one = await store_of(etcd_server, namespace, mirror=mirror)
+    two = await store_of(etcd_server, namespace, mirror=mirror)
+    policy = RefreshPolicy(lease_margin=0.5, handoff=handoff)
+    a = TokenManager(emulator_oauth(emulator), one, policy)
+    b = TokenManager(emulator_oauth(emulator), two, policy)
+    try:
+        await until(lambda: one._members == two._members == {one.lease_id, two.lease_id})
+        record = await a.connect("acme", emulator_grant(emulator, "acme"))
+        await two.read("acme")  # B follows acme (a served mirror learns holders from then)
+        await a.refresh("acme", stale=record.access_token.reveal())
+        regrant = await b.connect("acme", emulator_grant(emulator, "acme"))
+        await until(lambda: two._mirror["acme"].holder == one.lease_id)
+        assert two.refresh_order("acme") == RefreshOrder(1, 2, True)
+        before = emulator.ledger["redemptions"]
+        started = time.monotonic()
+        fresh = await b.refresh("acme", stale=regrant.access_token.reveal())
+        first_wait = time.monotonic() - started
+        assert fresh.access_token != regrant.access_token.reveal()
+        assert emulator.ledger["redemptions"] == before + 1
+        assert handoff * 0.8 <= first_wait < handoff + 2.0
+        await until(lambda: two.refresh_order("acme").place == 0)
+        started = time.monotonic()
+        again = await b.refresh("acme", stale=fresh.access_token)
+        assert again.access_token != fresh.access_token
+        assert time.monotonic() - started < handoff * 0.8
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await one.aclose()
+        await two.aclose()
