@@ -14,8 +14,9 @@ import pytest
 
 from sfrtr import Intent, Secret, TokenRecord, Versioned
 from sfrtr.store.etcd import EtcdStore
-from sfrtr.store.etcd_client import EtcdSettings, WatchEvent
+from sfrtr.store.etcd_client import WatchEvent
 from sfrtr.store.etcd_launcher import LocalEtcd
+from tests.etcd_helpers import store_of, until
 
 pytestmark = pytest.mark.anyio
 
@@ -23,12 +24,6 @@ RECORD = TokenRecord(access_token=Secret("at-1"), refresh_token=Secret("rt-1"),
                      instance_url="https://x.my.salesforce.com", issued_at=1.0,
                      expires_at=time.time() + 3600)
 
-
-async def store_of(server: LocalEtcd, namespace: str, **options: object) -> EtcdStore:
-    store = EtcdStore(EtcdSettings(endpoints=[server.endpoint]), namespace=namespace,
-                      lease_ttl=3, **options)  # type: ignore[arg-type]
-    await store.start()
-    return store
 
 
 async def stop_following(store: EtcdStore) -> None:
@@ -39,11 +34,6 @@ async def stop_following(store: EtcdStore) -> None:
     follow.cancel()
     await asyncio.gather(follow, return_exceptions=True)
 
-
-async def until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 (state set by the store's own tasks)
-            await asyncio.sleep(0.01)
 
 
 async def test_start_reads_nothing_and_only_served_customers_are_followed(

@@ -22,9 +22,10 @@ import pytest
 from sfrtr import Intent, RefreshPolicy, Secret, TokenManager, TokenRecord, Versioned
 from sfrtr.emulator import Emulator
 from sfrtr.store.etcd import EtcdStore
-from sfrtr.store.etcd_client import KV, EtcdSettings, WatchEvent
+from sfrtr.store.etcd_client import KV, WatchEvent
 from sfrtr.store.etcd_launcher import LocalEtcd
 from tests.conftest import emulator_grant, emulator_oauth
+from tests.etcd_helpers import store_of, until
 
 pytestmark = pytest.mark.anyio
 
@@ -33,18 +34,6 @@ RECORD = TokenRecord(access_token=Secret("at-1"), refresh_token=Secret("rt-1"),
                      expires_at=time.time() + 3600)
 
 
-async def store_of(server: LocalEtcd, namespace: str, **options: object) -> EtcdStore:
-    options.setdefault("lease_ttl", 3)
-    store = EtcdStore(EtcdSettings(endpoints=[server.endpoint]), namespace=namespace,
-                      **options)  # type: ignore[arg-type]
-    await store.start()
-    return store
-
-
-async def until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 (state set by the store's own tasks)
-            await asyncio.sleep(0.01)
 
 
 async def stop_watching(store: EtcdStore) -> None:

@@ -4,13 +4,14 @@ perf-cpu work (the token request's timer-driven deadline in the caller's task, t
 slot semaphore, the section task settling its flight from a done-callback, the
 instance-URL cache).
 
-Findings are strict xfails (the docstring says what breaks and the fix); the other
-tests are suspicions that held.
+One finding, fixed (the comment above its test says how, the docstring what
+broke); the other tests are suspicions that held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -36,12 +37,13 @@ from sfrtr.errors import InvalidTokenResponse
 from sfrtr.oauth.instance_url import InstanceUrlPolicy
 from sfrtr.oauth.outcome import OutcomeKind
 from sfrtr.store.base import RefreshOrder
-from sfrtr.store.etcd import EtcdStore
-from sfrtr.store.etcd_client import EtcdSettings
 from sfrtr.store.etcd_launcher import LocalEtcd
 from tests.conftest import emulator_grant, emulator_oauth
+from tests.etcd_helpers import store_of as _store_of
+from tests.etcd_helpers import until
 
 pytestmark = pytest.mark.anyio
+store_of = functools.partial(_store_of, lease_ttl=6)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ERROR = orjson.dumps({"error": "invalid_grant", "error_description": "expired"})
@@ -78,11 +80,6 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[OAuthClient]]]:
     for runner in runners:
         await runner.cleanup()
 
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 (state set by other tasks)
-            await asyncio.sleep(0.005)
 
 
 class _Captured(client_module._Deadline):
@@ -348,16 +345,9 @@ async def test_a_loop_that_runs_no_timers_is_caught_by_the_count_after_the_stagg
 # -- A: the last holder is this process's own previous lease -----------------------
 
 
-async def store_of(server: LocalEtcd, namespace: str, **options: Any) -> EtcdStore:
-    options.setdefault("lease_ttl", 6)
-    store = EtcdStore(EtcdSettings(endpoints=[server.endpoint]), namespace=namespace,
-                      **options)
-    await store.start()
-    return store
 
-
-@pytest.mark.xfail(strict=True, reason="a re-granted process defers to its own old lease "
-                   "as the customer's last holder: every 401 of its customers waits the handoff")
+# Found by review; fixed: a store remembers the leases it held before (a re-grant),
+# and a customer whose last holder is one of them is its own to go first for.
 async def test_a_regranted_holder_does_not_wait_behind_its_own_old_lease(
         emulator: Emulator, etcd_server: LocalEtcd, namespace: str, mirror: str) -> None:
     """Finding (low: a needless wait, no invariant). Process A refreshes ``acme`` (its

@@ -210,6 +210,10 @@ class EtcdStore:
         self._subscribers: list[Subscriber] = []
         self._members: set[int] = set()
         """Leases of the namespace's live processes, as the member watch last said."""
+        self._past_leases: set[int] = set()
+        """Leases this process held before its current one (a re-grant after a pause):
+        a customer whose lock it held under one of them is still its own to go first
+        for, though that lease and its member key live on until their TTL."""
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._start_lock = asyncio.Lock()
@@ -349,6 +353,7 @@ class EtcdStore:
     def _lose_lease(self, why: str) -> None:
         if self._lease_id is not None:
             log.warning("etcd lease %x lost: %s", self._lease_id, why)
+            self._past_leases.add(self._lease_id)
         self._lease_id = None
         self._lease_deadline = 0.0
 
@@ -615,12 +620,16 @@ class EtcdStore:
         if own is None or not self._members:
             return RefreshOrder(0, 1, False)
         m = self._mirror.get(customer)
-        holder = m.holder if m is not None and m.holder in self._members else 0
+        holder = m.holder if m is not None else 0
+        if holder in self._past_leases:
+            holder = own  # this process held it under a lease it has since replaced
+        elif holder not in self._members:
+            holder = 0
         key = customer.encode()
         ours = _rendezvous(own, key)
         ahead, processes = 0, 1
         for lease in self._members:
-            if lease == own:
+            if lease == own or lease in self._past_leases:
                 continue
             processes += 1
             if lease == holder or (own != holder and _rendezvous(lease, key) > ours):
