@@ -20,12 +20,14 @@ from typing import Any
 import pytest
 
 from sfrtr import (
+    Credentials,
     Intent,
     MemoryStore,
     RefreshPolicy,
     Secret,
     SqliteStore,
     Status,
+    TokenEndpointUnavailable,
     TokenManager,
     TokenRecord,
     TokenStore,
@@ -441,14 +443,26 @@ async def test_a_manager_refreshes_once_on_every_store(backend: Backend, emulato
     """The protocol end to end on each store: two managers (two processes where the
     store has them), a stale token, one redemption between them."""
     policy = RefreshPolicy(lease_margin=0.5, busy_backoff=0.05)
-    oauth = {"timeout": 0.6, "connect_timeout": 0.3, "head_grace": 0.05, "answer_grace": 0.1}
+    # As long as a 3 s lease allows (a request of 1.15 s with its graces, plus the
+    # margin, inside two thirds of it).
+    oauth = {"timeout": 1.0, "connect_timeout": 0.9, "head_grace": 0.05, "answer_grace": 0.1}
     one = TokenManager(emulator_oauth(emulator, **oauth), backend.first, policy)
     two = TokenManager(emulator_oauth(emulator, **oauth), await backend.other(), policy)
     await one.connect("acme", emulator_grant(emulator, "acme"))
     stale = await one.token("acme")
     assert await two.token("acme") == stale
-    a, b = await asyncio.gather(one.refresh("acme", stale=stale),
-                                two.refresh("acme", stale=stale))
+
+    async def refreshed(manager: TokenManager) -> Credentials:
+        # What an application does with "could not reach the token endpoint" (nothing
+        # was sent: a loaded machine's emulator slow to accept): ask again.
+        for _ in range(3):
+            try:
+                return await manager.refresh("acme", stale=stale)
+            except TokenEndpointUnavailable:
+                await asyncio.sleep(0.2)
+        return await manager.refresh("acme", stale=stale)
+
+    a, b = await asyncio.gather(refreshed(one), refreshed(two))
     assert a.access_token == b.access_token != stale
     assert emulator.ledger["redemptions"] == 1
     assert emulator.ledger["reuse"] == 0
