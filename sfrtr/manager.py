@@ -757,7 +757,7 @@ class TokenManager:
                 urgent = stale is not None or \
                     current.record.expires_at <= self._provider_now()
                 waited, handoff = handoff, 0.0
-                order = self._order(customer) if urgent and self._order is not None else None
+                order = self._order(customer) if urgent and self._order else None
                 if order is not None and order.place and order.known and \
                         _monotonic() < deadline:
                     # Every process may need this customer right now (its session

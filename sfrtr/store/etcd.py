@@ -35,7 +35,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
@@ -906,23 +906,36 @@ class EtcdStore:
         reading: a reader woken by an acquire's or commit's first event would
         otherwise spend a round trip on what the second brings."""
         deadline = time.monotonic() + budget
+        with self._waiting_on(customer):
+            while (m := self._mirror.get(customer)) is not None and self._split(customer, m):
+                if not await self._next_event(customer, deadline):
+                    return
+
+    @contextlib.contextmanager
+    def _waiting_on(self, customer: str) -> Iterator[None]:
+        """Count a waiter on ``customer`` (a waited-on customer is never let go); the
+        last one out drops the customer's event (nobody waits: no event to keep)."""
         self._waiting[customer] = self._waiting.get(customer, 0) + 1
         try:
-            while (m := self._mirror.get(customer)) is not None and self._split(customer, m):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                event = self._waiters.setdefault(customer, asyncio.Event())
-                try:
-                    await asyncio.wait_for(event.wait(), left)
-                except TimeoutError:
-                    return
+            yield
         finally:
             left_waiting = self._waiting.pop(customer) - 1
             if left_waiting:
                 self._waiting[customer] = left_waiting
             else:
                 self._waiters.pop(customer, None)
+
+    async def _next_event(self, customer: str, deadline: float) -> bool:
+        """Until the customer's next event (True) or ``deadline`` (False)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        event = self._waiters.setdefault(customer, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), left)
+        except TimeoutError:
+            return False
+        return True
 
     async def _use(self, customer: str) -> _Mirror:
         """Start (once) and mark the customer used now; a served mirror follows it.
@@ -1108,28 +1121,15 @@ class EtcdStore:
     async def wait_for_change(self, customer: str, after: int,
                               timeout: float) -> Versioned | None:
         deadline = time.monotonic() + timeout
-        self._waiting[customer] = self._waiting.get(customer, 0) + 1
-        try:
+        with self._waiting_on(customer):
             while True:
                 m = await self._use(customer)
                 if m.changed > after:
                     return await self.read(customer)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                event = self._waiters.setdefault(customer, asyncio.Event())
-                try:
-                    await asyncio.wait_for(event.wait(), left)
-                except TimeoutError:
+                if not await self._next_event(customer, deadline):
                     return None
                 if not self._synced:
                     return await self.read(customer)
-        finally:
-            left_waiting = self._waiting.pop(customer) - 1
-            if left_waiting:
-                self._waiting[customer] = left_waiting
-            else:
-                self._waiters.pop(customer, None)  # nobody waits: no event to keep
 
     async def delete(self, customer: str, *, version: int | None = None) -> bool:
         await self._use(customer)
