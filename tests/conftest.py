@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from typing import Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Literal
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sfrtr import (
     MemoryStore,
     OAuthClient,
+    OAuthConfig,
     RefreshPolicy,
+    Secret,
     TokenGrant,
     TokenManager,
 )
@@ -70,6 +73,40 @@ def emulator_grant(em: Emulator, customer: str, client_id: str = DEFAULT_CLIENT_
                    secret: str = DEFAULT_CLIENT_SECRET) -> TokenGrant:
     """A fresh grant for ``customer`` as the code exchange would have returned it."""
     return token_grant(em, customer, client_id, secret)
+
+
+TokenHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture
+async def token_endpoint() -> AsyncIterator[Callable[..., Awaitable[OAuthClient]]]:
+    """``await token_endpoint(handler, **config)``: a token endpoint served by
+    ``handler`` on a loopback port, and an OAuth client for it (short timeouts unless
+    ``config`` says otherwise); closed after the test."""
+    runners: list[web.AppRunner] = []
+    clients: list[OAuthClient] = []
+
+    async def start(handler: TokenHandler, **options: Any) -> OAuthClient:
+        app = web.Application()
+        app.router.add_post("/services/oauth2/token", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        settings: dict[str, Any] = {"timeout": 2.0, "connect_timeout": 0.5,
+                                    "head_grace": 0.2, "answer_grace": 0.4, **options}
+        client = OAuthClient(OAuthConfig(client_id="c", client_secret=Secret("s"),
+                                         login_url=f"http://127.0.0.1:{port}", **settings))
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.aclose()
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.fixture

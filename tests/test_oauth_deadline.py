@@ -5,14 +5,15 @@ its own expiry apart from a cancellation the caller asked for."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 import pytest
 from aiohttp import web
 
-from sfrtr import OAuthClient, OAuthConfig, Secret
+from sfrtr import OAuthClient, Secret
 from sfrtr.oauth.outcome import OutcomeKind
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -20,31 +21,11 @@ ERROR = orjson.dumps({"error": "invalid_grant", "error_description": "expired"})
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[OAuthClient]]]:
-    runners: list[web.AppRunner] = []
-    clients: list[OAuthClient] = []
-
-    async def start(handler: Handler) -> OAuthClient:
-        app = web.Application()
-        app.router.add_post("/services/oauth2/token", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        client = OAuthClient(OAuthConfig(client_id="c", client_secret=Secret("s"),
-                                         login_url=f"http://127.0.0.1:{port}", timeout=0.4,
-                                         connect_timeout=0.2, head_grace=0.2,
-                                         answer_grace=0.4))
-        clients.append(client)
-        return client
-
-    yield start
-    for client in clients:
-        await client.aclose()
-    for runner in runners:
-        await runner.cleanup()
+def serve(token_endpoint: Callable[..., Awaitable[OAuthClient]]
+          ) -> Callable[[Handler], Awaitable[OAuthClient]]:
+    """The shared token endpoint with this file's short deadline (0.4 s, graces)."""
+    return functools.partial(token_endpoint, timeout=0.4, connect_timeout=0.2,
+                             head_grace=0.2, answer_grace=0.4)
 
 
 async def _rejected(request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -53,32 +53,10 @@ ERROR = orjson.dumps({"error": "invalid_grant", "error_description": "expired"})
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[..., Awaitable[OAuthClient]]]:
+def serve(token_endpoint: Callable[..., Awaitable[OAuthClient]]
+          ) -> Callable[..., Awaitable[OAuthClient]]:
     """A token endpoint served by ``handler``; an OAuth client for it."""
-    runners: list[web.AppRunner] = []
-    clients: list[OAuthClient] = []
-
-    async def start(handler: Handler, **options: Any) -> OAuthClient:
-        app = web.Application()
-        app.router.add_post("/services/oauth2/token", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        settings: dict[str, Any] = {"timeout": 2.0, "connect_timeout": 0.5,
-                                    "head_grace": 0.2, "answer_grace": 0.4, **options}
-        client = OAuthClient(OAuthConfig(client_id="c", client_secret=Secret("s"),
-                                         login_url=f"http://127.0.0.1:{port}", **settings))
-        clients.append(client)
-        return client
-
-    yield start
-    for client in clients:
-        await client.aclose()
-    for runner in runners:
-        await runner.cleanup()
+    return token_endpoint
 
 
 
