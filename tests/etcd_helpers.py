@@ -25,3 +25,12 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():  # noqa: ASYNC110 (state set by the store's own tasks)
             await asyncio.sleep(0.005)
+
+
+async def stop_following(store: EtcdStore) -> None:
+    """Stop the store's watch stream (as a broken connection would), after every
+    watcher it owes was sent; ``store._tasks[1] = ...(store._watch_task())`` resumes."""
+    await until(lambda: not store._to_add)
+    follow = store._tasks[1]
+    follow.cancel()
+    await asyncio.gather(follow, return_exceptions=True)

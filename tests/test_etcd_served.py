@@ -13,26 +13,15 @@ import time
 import pytest
 
 from sfrtr import Intent, Secret, TokenRecord, Versioned
-from sfrtr.store.etcd import EtcdStore
 from sfrtr.store.etcd_client import WatchEvent
 from sfrtr.store.etcd_launcher import LocalEtcd
-from tests.etcd_helpers import store_of, until
+from tests.etcd_helpers import stop_following, store_of, until
 
 pytestmark = pytest.mark.anyio
 
 RECORD = TokenRecord(access_token=Secret("at-1"), refresh_token=Secret("rt-1"),
                      instance_url="https://x.my.salesforce.com", issued_at=1.0,
                      expires_at=time.time() + 3600)
-
-
-
-async def stop_following(store: EtcdStore) -> None:
-    """Stop the store's watch stream (as a broken connection would), after every
-    watcher it owes was sent; ``store._tasks[1] = ...(store._watch_task())`` resumes."""
-    await until(lambda: not store._to_add)
-    follow = store._tasks[1]
-    follow.cancel()
-    await asyncio.gather(follow, return_exceptions=True)
 
 
 

@@ -34,8 +34,8 @@ from sfrtr.store.etcd import EtcdStore, _rendezvous
 from sfrtr.store.etcd_client import EtcdSettings, WatchEvent, delete, put
 from sfrtr.store.etcd_launcher import LocalEtcd
 from tests.conftest import emulator_grant, emulator_oauth
+from tests.etcd_helpers import stop_following, until
 from tests.etcd_helpers import store_of as _store_of
-from tests.etcd_helpers import until
 
 pytestmark = pytest.mark.anyio
 store_of = functools.partial(_store_of, lease_ttl=6)
@@ -383,10 +383,7 @@ async def test_catch_up_beside_a_waiter_loses_no_wake_up_and_keeps_its_customer(
         await holder.put("acme", RECORD)
         seen = await served.read("acme")
         assert seen is not None
-        await until(lambda: not served._to_add)
-        task = served._tasks[1]
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await stop_following(served)
         held = await holder.acquire("acme", seen.version, Intent("w", "fp", 0.0, id="i1"))
         assert held is not None
 
@@ -589,10 +586,7 @@ async def test_catch_up_ends_when_its_customer_is_unfollowed(etcd_server: LocalE
         await holder.put("acme", RECORD)
         seen = await served.read("acme")
         assert seen is not None
-        await until(lambda: not served._to_add)
-        task = served._tasks[1]
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await stop_following(served)
         held = await holder.acquire("acme", seen.version, Intent("w", "fp", 0.0, id="i1"))
         assert held is not None
         _, (kv,) = await served.client.range(served._lock("acme"))
