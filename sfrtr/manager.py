@@ -57,6 +57,7 @@ from sfrtr.errors import (
     StoreError,
     TokenEndpointUnavailable,
 )
+from sfrtr.flight_task import FlightTask, spawn_flight
 from sfrtr.hooks import Hooks, Observer
 from sfrtr.oauth.client import LEASE_TOO_SHORT, REDIRECT_REFUSED, OAuthClient
 from sfrtr.oauth.grant import TokenGrant
@@ -263,9 +264,8 @@ class TokenManager:
         self._check_timing()
         self.stats = ManagerStats()
         self._cache: dict[str, _Entry] = {}
-        self._flights: Singleflight[str, _Entry] = Singleflight()
+        self._flights: Singleflight[str, _Entry] = Singleflight(spawn_flight)
         self._flight_fn = self._flight  # bound once: not one method object per caller
-        self._sections: dict[str, asyncio.Task[_Entry | None]] = {}
         self._unfinished: dict[str, _Section] = {}
         self._unsent: dict[str, dict[str, tuple[int, TokenRecord]]] = {}
         """Customer -> {id of our intent whose acquire got no answer: (the version that
@@ -577,7 +577,6 @@ class TokenManager:
         """Wait until background refreshes and refreshes in flight have finished."""
         while True:
             pending: list[asyncio.Future[object]] = [*self._background]
-            pending += [t for t in self._sections.values() if not t.done()]  # type: ignore[misc]
             if not pending and not len(self._flights):
                 return
             if pending:
@@ -708,9 +707,6 @@ class TokenManager:
         spread = self._spread
         handoff = self.policy.handoff if self._order is not None else 0.0
         while True:
-            prior = self._sections.get(customer)
-            if prior is not None:  # left running by a flight that was cancelled
-                await asyncio.wait({prior})
             current = await self.store.read(customer)
             if current is not None:
                 self._oauth_for(current.record)  # an app this manager lacks: say so, lock nothing
@@ -851,41 +847,26 @@ class TokenManager:
 
     async def _run_section(self, customer: str, step: protocol.Step,
                            current: Versioned) -> _Entry | None:
-        """Run the critical section in a task of its own: from the acquire on, a
-        refresh token may get burnt, and nothing (a caller's cancellation, a plain
-        ``task.cancel()`` of the flight) may stop it before the outcome is stored.
-
-        The flight waits on a future that the task's one done-callback settles
-        (what ``asyncio.shield`` of the task gives, without its outer future and
-        second callback): cancelling the flight cancels only that future. Settled
-        from a callback, not from inside the section's coroutine, so that a task
-        cancelled before its first step (its coroutine never runs) still ends the
-        flight's wait."""
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[_Entry | None] = loop.create_future()
-        task = loop.create_task(self._section(customer, step, current))
-        self._sections[customer] = task
-        task.add_done_callback(functools.partial(self._section_done, customer, outcome))
+        """Run the critical section in the flight's task: from the acquire on, a
+        refresh token may get burnt, and nothing may stop the section before its
+        outcome is stored. A caller's cancellation never reaches the flight; a
+        cancel of the flight's task from outside (a loop torn down without
+        ``aclose()``) is held until the section ends (:mod:`sfrtr.flight_task`)."""
+        task = asyncio.current_task()
+        flight = task if isinstance(task, FlightTask) else None
+        if flight is not None:
+            flight.enter_critical()
         try:
-            return await outcome
+            return await self._section(customer, step, current)
         except _Preempted:
+            self._retry_unstored(customer)
             return None
-
-    def _section_done(self, customer: str, outcome: asyncio.Future[_Entry | None],
-                      task: asyncio.Task[_Entry | None]) -> None:
-        if self._sections.get(customer) is task:
-            del self._sections[customer]
-        if task.cancelled():
+        except BaseException:
             self._retry_unstored(customer)
-            outcome.cancel()
-            return
-        exc = task.exception()  # retrieved here; the flight (if still there) re-raises it
-        if exc is not None:
-            self._retry_unstored(customer)
-            if not outcome.done():
-                outcome.set_exception(exc)
-        elif not outcome.done():
-            outcome.set_result(task.result())
+            raise
+        finally:
+            if flight is not None:
+                flight.leave_critical()
 
     # -- the critical section ---------------------------------------------------
 

@@ -17,8 +17,8 @@ of what the storm costs beyond the refresh itself (``docs/benchmarks.md``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar, TypeVarTuple, Unpack
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar, TypeVarTuple, Unpack
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -41,11 +41,21 @@ class _Call(Generic[T]):
         return self.task is not None and not self.task.done()
 
 
-class Singleflight(Generic[K, T]):
-    """A group of keyed calls; share one group among the callers to coalesce."""
+#: Makes the task a call runs in: ``spawn(loop, coro)``.
+Spawn = Callable[[asyncio.AbstractEventLoop, Coroutine[Any, Any, T]], "asyncio.Task[T]"]
 
-    def __init__(self) -> None:
+
+class Singleflight(Generic[K, T]):
+    """A group of keyed calls; share one group among the callers to coalesce.
+
+    ``spawn`` makes the task each call runs in (default: the loop's
+    ``create_task``); the token manager's flights run in a task that holds
+    outside cancels over their critical section (:mod:`sfrtr.flight_task`).
+    """
+
+    def __init__(self, spawn: Spawn[T] | None = None) -> None:
         self._calls: dict[K, _Call[T]] = {}
+        self._spawn = spawn
 
     async def do(self, key: K, fn: Callable[[*Ts], Awaitable[T]],
                  *args: *Ts) -> tuple[T, bool]:
@@ -78,7 +88,9 @@ class Singleflight(Generic[K, T]):
             # Registered before the task exists: nothing the call does can
             # start a second one for the key.
             self._calls[key] = call
-            task = call.loop.create_task(_run(fn, *args))
+            coro = _run(fn, *args)
+            task = call.loop.create_task(coro) if self._spawn is None else \
+                self._spawn(call.loop, coro)
             call.task = task
             task.add_done_callback(lambda t: self._finished(key, call, t))
         waiters = call.waiters

@@ -114,13 +114,12 @@ async def test_aclose_lets_a_refresh_started_by_a_hook_finish(emulator: Emulator
     try:
         await manager.aclose()
         assert started.is_set()
-        still_running = list(manager._sections)
-        assert not still_running, f"refresh sections still running after aclose: {still_running}"
+        still_running = len(manager._flights)
+        assert not still_running, f"{still_running} refreshes still running after aclose"
     finally:
         emulator.faults.clear()
-        for task in list(manager._sections.values()):
-            with contextlib.suppress(BaseException):
-                await task
+        with contextlib.suppress(BaseException):
+            await manager._flights.wait_idle()
         for timer in [*manager._retries.values(), *manager._settlers]:
             timer.cancel()
     reader = SqliteStore(path)

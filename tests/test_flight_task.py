@@ -1,0 +1,156 @@
+"""The flight's task holds outside cancels over its critical section (sfrtr.flight_task)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from sfrtr import MemoryStore, RefreshPolicy, TokenManager
+from sfrtr.emulator import Emulator, TokenState
+from sfrtr.flight_task import FlightTask
+from sfrtr.records import Status
+from tests.conftest import emulator_grant, emulator_oauth
+
+# -- the task on its own ----------------------------------------------------------------
+
+
+async def _critical_sleep(seconds: float, log: list[str]) -> str:
+    task = asyncio.current_task()
+    assert isinstance(task, FlightTask)
+    task.enter_critical()
+    try:
+        await asyncio.sleep(seconds)
+        log.append("section done")
+    finally:
+        task.leave_critical()
+    await asyncio.sleep(0)  # the held cancel lands here
+    log.append("after the section")
+    return "finished"
+
+
+async def test_a_cancel_from_another_task_waits_for_the_section() -> None:
+    log: list[str] = []
+    task = FlightTask(_critical_sleep(0.2, log), loop=asyncio.get_running_loop())
+    await asyncio.sleep(0.05)
+    assert task.cancel() is True  # requested, held
+    assert task.holds() == 1
+    assert not task.done()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log == ["section done"]  # the section ran to its end, the rest did not run
+    assert task.cancelled()
+
+
+async def test_a_cancel_outside_the_section_is_not_held() -> None:
+    async def plain() -> None:
+        await asyncio.sleep(5)
+
+    task = FlightTask(plain(), loop=asyncio.get_running_loop())
+    await asyncio.sleep(0)
+    assert task.cancel() is True
+    assert task.holds() == 0
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_timeout_inside_the_section_still_ends_what_it_bounds() -> None:
+    # Timeouts cancel the task from the loop's own callbacks: they go through.
+    async def bounded() -> str:
+        task = asyncio.current_task()
+        assert isinstance(task, FlightTask)
+        task.enter_critical()
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            return "timed out"
+        finally:
+            task.leave_critical()
+        return "not timed out"
+
+    task = FlightTask(bounded(), loop=asyncio.get_running_loop())
+    assert await asyncio.wait_for(task, 2.0) == "timed out"
+
+
+async def test_a_task_may_cancel_itself_inside_the_section() -> None:
+    async def itself() -> None:
+        task = asyncio.current_task()
+        assert isinstance(task, FlightTask)
+        task.enter_critical()
+        try:
+            task.cancel()
+            await asyncio.sleep(5)
+        finally:
+            task.leave_critical()
+
+    task = FlightTask(itself(), loop=asyncio.get_running_loop())
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2.0)
+
+
+def test_a_loop_torn_down_mid_section_finishes_the_section_first() -> None:
+    log: list[str] = []
+
+    async def main() -> None:
+        FlightTask(_critical_sleep(0.2, log), loop=asyncio.get_running_loop())
+        await asyncio.sleep(0.05)
+        # main returns: asyncio.run cancels every task left, then waits for them
+
+    asyncio.run(main())
+    assert log == ["section done"]
+
+
+# -- the manager ---------------------------------------------------------------------------
+
+
+async def test_a_cancelled_flight_still_stores_its_refresh(emulator: Emulator,
+                                                          manager: TokenManager) -> None:
+    record = await manager.connect("acme", emulator_grant(emulator, "acme"))
+    emulator.faults.set("token", latency=0.3)
+    caller = asyncio.create_task(manager.refresh("acme", stale=record.access_token.reveal()))
+    await asyncio.sleep(0.1)  # the token request is on its way
+    flight = manager._flights._calls["acme"].task
+    assert isinstance(flight, FlightTask)
+    flight.cancel()
+    assert flight.holds() == 1
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert flight.cancelled()
+    stored = (await manager.store.read("acme")).record
+    assert stored.status is Status.VALID
+    assert stored.generation == record.generation + 1
+    assert emulator.ledger["redemptions"] == 1
+    assert emulator.refresh_token_state(stored.refresh_token.reveal()) is TokenState.LIVE
+
+
+async def test_a_loop_torn_down_without_aclose_stores_the_refresh_in_flight(
+        emulator: Emulator) -> None:
+    """``asyncio.run`` returning while a refresh is on its way (no ``aclose()``): the
+    teardown cancels every task; the flight's section still stores the rotated
+    token before it ends (before, its task was cancelled with the rest and the
+    successor token was lost)."""
+    store = MemoryStore()
+    grant = emulator_grant(emulator, "acme")
+    emulator.faults.set("token", latency=0.4)
+    started = threading.Event()
+
+    async def app() -> None:
+        manager = TokenManager(emulator_oauth(emulator), store, RefreshPolicy(lease_margin=0.5))
+        record = await manager.connect("acme", grant)
+        asyncio.get_running_loop().create_task(
+            manager.refresh("acme", stale=record.access_token.reveal()))
+        await asyncio.sleep(0.1)
+        started.set()
+        # returns with the refresh in flight and the manager never closed
+
+    # Another thread's loop: the emulator keeps serving on this one meanwhile.
+    await asyncio.to_thread(asyncio.run, app())
+    assert started.is_set()
+    stored = (await store.read("acme")).record
+    assert stored.status is Status.VALID
+    assert stored.generation == 1
+    assert emulator.ledger["redemptions"] == 1
+    assert emulator.refresh_token_state(stored.refresh_token.reveal()) is TokenState.LIVE
+    assert stored.intent is None  # committed, not left locked for a recovery
