@@ -260,27 +260,15 @@ class Client:
         if json is not None:
             data, content_type = orjson.dumps(json), "application/json"
         _check_path(path)
-        resp = await self._send(method, path, params, data, content_type, headers,
-                                _total_timeout(timeout or self.timeout), idempotent)
-        try:
-            raw = await _read_body(resp)
-        finally:
-            resp.release()
+        resp, raw = await self._send(method, path, params, data, content_type, headers,
+                                     _total_timeout(timeout or self.timeout), idempotent)
         return Response(resp.status, dict(resp.headers), _decoded(resp.status, raw))
 
     async def _query_page(self, path: str, params: dict[str, str] | None,
                           headers: dict[str, str] | None = None) -> QueryResult:
         """GET a query page at a path we built or checked."""
-        resp = await self._send("GET", path, params, None, None, headers,
-                                _total_timeout(self.timeout), None)
-        try:  # _read_body, inlined: a query's path is one coroutine shorter
-            length = resp.content_length
-            if length is not None and length <= MAX_BODY:
-                raw = await resp.read()  # aiohttp stops at Content-Length
-            else:
-                raw = await _read_bounded(resp)
-        finally:
-            resp.release()
+        resp, raw = await self._send("GET", path, params, None, None, headers,
+                                     _total_timeout(self.timeout), None)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -300,8 +288,9 @@ class Client:
         download is not cut short.
         """
         _check_path(path)
-        resp = await self._send(method.upper(), path, params, data, content_type, headers,
-                                _stream_timeout(timeout or self.timeout), idempotent)
+        resp, _ = await self._send(method.upper(), path, params, data, content_type, headers,
+                                   _stream_timeout(timeout or self.timeout), idempotent,
+                                   read=False)
         try:
             yield resp
         finally:
@@ -310,8 +299,14 @@ class Client:
     async def _send(self, method: str, path: str, params: dict[str, str] | None,
                     data: Body | None, content_type: str | None,
                     headers: dict[str, str] | None, timeout: aiohttp.ClientTimeout,
-                    idempotent: bool | None) -> aiohttp.ClientResponse:
-        """The open response to a successful (2xx) answer; error answers raise.
+                    idempotent: bool | None, read: bool = True
+                    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """A successful (2xx) answer and its body, read and released (``read``), or
+        the open response and ``b""`` (not ``read``: a stream); error answers raise.
+
+        The body is read inside the retries: a connection that drops or times out
+        mid-body is a transport fault like any other (retried for idempotent
+        calls, else :class:`ServerUnavailable`), never a raw aiohttp exception.
 
         On ``401`` it asks the manager for a token newer than the refused one
         and sends once more; a second ``401`` is the manager's to judge. The
@@ -355,7 +350,15 @@ class Client:
                     self._usage.note(self.customer, resp.headers.get("Sforce-Limit-Info"))
                     status = resp.status
                     if status < 300:
-                        return resp
+                        if not read:
+                            return resp, b""
+                        try:  # inlined: every call's path is one coroutine shorter
+                            length = resp.content_length
+                            if length is not None and length <= MAX_BODY:
+                                return resp, await resp.read()  # stops at Content-Length
+                            return resp, await _read_bounded(resp)
+                        finally:
+                            resp.release()
                     if status != 401:
                         raise _answer_error(status, resp.headers, await _discard(resp))
                     if refreshed:
@@ -627,13 +630,6 @@ def _answer_error(status: int, headers: Mapping[str, str], raw: bytes) -> Salesf
         error = ServerUnavailable(status, error.error_code, error.message)
     error.retry_after = parse_retry_after(headers.get("Retry-After"))
     return error
-
-
-async def _read_body(resp: aiohttp.ClientResponse) -> bytes:
-    length = resp.content_length
-    if length is not None and length <= MAX_BODY:
-        return await resp.read()  # aiohttp stops at Content-Length
-    return await _read_bounded(resp)
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
