@@ -14,6 +14,16 @@ section ends: the loop's teardown then waits for the outcome to be stored.
 (The section used to run in a task of its own, which a teardown cancelled
 too, and that cost a task, a future and three loop callbacks per refresh.)
 
+A cancel held means "stop": a section that has not sent its token request
+yet sends none (it puts the record back as it was), and one whose request
+produced a token stores it and ends normally, handing the token to its callers
+(some may have come after the cancel) instead of a ``CancelledError``: the
+cancel would have stopped nothing more. Otherwise (the flight would go on
+planning) the cancel is delivered when the section ends. A cancel held during
+a teardown also tells the owner (``on_teardown``): flights started after the
+sweep (by a hook, a retry timer) are not in its list, and must not begin a
+section that nobody would wait for.
+
 A cancel issued by one of the running loop's own callbacks goes through at
 once: that is how timeouts work (the token request's deadline, aiohttp's,
 ``asyncio.timeout``/``wait_for`` and anyio's cancel scopes all cancel the task
@@ -25,7 +35,7 @@ running loop (a teardown), is held.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -35,45 +45,50 @@ class FlightTask(asyncio.Task[T]):
     """An :class:`asyncio.Task` whose :meth:`cancel` waits for :meth:`critical` to end
     when it comes from outside (see the module's docstring)."""
 
-    __slots__ = ("_critical", "_held")
+    __slots__ = ("_critical", "_held", "_on_teardown")
 
-    def __init__(self, coro: Coroutine[Any, Any, T], *,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, T], *, loop: asyncio.AbstractEventLoop,
+                 on_teardown: Callable[[], None] | None = None) -> None:
         super().__init__(coro, loop=loop)
         self._critical = False
         self._held: list[Any] | None = None  # the messages of the cancels held
+        self._on_teardown = on_teardown
 
     def cancel(self, msg: Any | None = None) -> bool:
         if self._critical and not self.done():
             loop = self.get_loop()
-            if not loop.is_running() or asyncio.current_task(loop) not in (None, self):
+            tearing_down = not loop.is_running()
+            if tearing_down or asyncio.current_task(loop) not in (None, self):
                 if self._held is None:
                     self._held = []
                 self._held.append(msg)
-                return True  # requested: it will be delivered
+                if tearing_down and self._on_teardown is not None:
+                    self._on_teardown()
+                return True  # requested: honoured when the section ends
         return super().cancel(msg)
 
     def enter_critical(self) -> None:
         """From now on a cancel from outside is held (called by the task itself)."""
         self._critical = True
 
-    def leave_critical(self) -> None:
-        """Deliver the cancels held, if any: the task is cancelled at its next step
-        (called by the task itself, so nothing it awaits is cut off by it)."""
+    def leave_critical(self, *, deliver: bool = True) -> None:
+        """End the section (called by the task itself, so nothing it awaits is cut
+        off). The cancels held are delivered (the task is cancelled at its next
+        step), or with ``deliver=False`` dropped: the section finished what they
+        would have stopped."""
         self._critical = False
         held, self._held = self._held, None
-        for msg in held or ():
-            super().cancel(msg)
+        if deliver:
+            for msg in held or ():
+                super().cancel(msg)
 
     def holds(self) -> int:
         """How many cancels are held now (for tests and diagnostics)."""
         return len(self._held or ())
 
 
-def spawn_flight(loop: asyncio.AbstractEventLoop,
-                 coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-    """A :class:`FlightTask` for ``coro`` on ``loop`` (the singleflight group's spawner).
-
-    Made directly, not through a task factory the application may have set on
-    the loop: a factory makes tasks of its own class, which would not hold."""
-    return FlightTask(coro, loop=loop)
+def holding_a_cancel() -> bool:
+    """Whether the running task is a flight holding a cancel (it is asked to stop:
+    send nothing new)."""
+    task = asyncio.current_task()
+    return isinstance(task, FlightTask) and task.holds() > 0

@@ -57,7 +57,7 @@ from sfrtr.errors import (
     StoreError,
     TokenEndpointUnavailable,
 )
-from sfrtr.flight_task import FlightTask, spawn_flight
+from sfrtr.flight_task import FlightTask, holding_a_cancel
 from sfrtr.hooks import Hooks, Observer
 from sfrtr.oauth.client import LEASE_TOO_SHORT, REDIRECT_REFUSED, OAuthClient
 from sfrtr.oauth.grant import TokenGrant
@@ -264,7 +264,9 @@ class TokenManager:
         self._check_timing()
         self.stats = ManagerStats()
         self._cache: dict[str, _Entry] = {}
-        self._flights: Singleflight[str, _Entry] = Singleflight(spawn_flight)
+        self._flights: Singleflight[str, _Entry] = Singleflight(self._spawn_flight)
+        self._torn_down = False
+        """A loop teardown (without ``aclose()``) has begun: no new section starts."""
         self._flight_fn = self._flight  # bound once: not one method object per caller
         self._unfinished: dict[str, _Section] = {}
         self._unsent: dict[str, dict[str, tuple[int, TokenRecord]]] = {}
@@ -500,9 +502,12 @@ class TokenManager:
         lost (its lock would otherwise stay ours, and every other worker wait on it,
         until this worker happens to need the customer again)."""
         pending = customer in self._unfinished or customer in self._unsent
-        if not pending or customer in self._retries:
+        if not pending or customer in self._retries or self._torn_down:
             return
-        self._retries[customer] = asyncio.get_running_loop().call_later(
+        loop = _get_running_loop()
+        if loop is None:
+            return  # a flight's coroutine closed after its loop (never driven again)
+        self._retries[customer] = loop.call_later(
             _STORE_RETRY_DELAY, self._retry_now, customer)
 
     def _retry_now(self, customer: str) -> None:
@@ -845,6 +850,16 @@ class TokenManager:
         await self.store.wait_for_change(
             customer, seen.stamp, remaining if cap is None else min(cap, remaining))
 
+    def _spawn_flight(self, loop: asyncio.AbstractEventLoop,
+                      coro: Coroutine[object, object, _Entry]) -> asyncio.Task[_Entry]:
+        """The task a flight runs in (the singleflight group's spawner). Made directly,
+        not through a task factory the application may have set on the loop: a
+        factory makes tasks of its own class, which would not hold cancels."""
+        return FlightTask(coro, loop=loop, on_teardown=self._tearing_down)
+
+    def _tearing_down(self) -> None:
+        self._torn_down = True
+
     async def _run_section(self, customer: str, step: protocol.Step,
                            current: Versioned) -> _Entry | None:
         """Run the critical section in the flight's task: from the acquire on, a
@@ -855,9 +870,15 @@ class TokenManager:
         task = asyncio.current_task()
         flight = task if isinstance(task, FlightTask) else None
         if flight is not None:
+            if self._torn_down:
+                # Started after a teardown's sweep (by a hook, a retry): nothing would
+                # wait for its section. Nothing is acquired yet.
+                raise asyncio.CancelledError("the event loop is being torn down")
             flight.enter_critical()
+        entry = None
         try:
-            return await self._section(customer, step, current)
+            entry = await self._section(customer, step, current)
+            return entry
         except _Preempted:
             self._retry_unstored(customer)
             return None
@@ -866,7 +887,10 @@ class TokenManager:
             raise
         finally:
             if flight is not None:
-                flight.leave_critical()
+                # A token stored: a cancel held meanwhile has nothing left to stop, and
+                # the callers (some may have joined after it) get the token. Otherwise
+                # the flight would plan again: the cancel ends it.
+                flight.leave_critical(deliver=entry is None)
 
     # -- the critical section ---------------------------------------------------
 
@@ -895,6 +919,8 @@ class TokenManager:
         this lock), and the provider's reuse window when presenting inside it."""
         if section.customer and self._grants.get(section.customer, 0) != section.grants:
             return 0.0  # re-authorized or disconnected here since: the lock is gone
+        if holding_a_cancel():
+            return 0.0  # asked to stop while it waited for a request slot: send nothing
         lease = self.store.lease_remaining(section.intent.lease or None)
         left = None if lease is None else lease - self.policy.lease_margin
         if window_end is not None:
@@ -1021,6 +1047,8 @@ class TokenManager:
             # Put back what the acquire replaced: for a recovery that is the orphan or
             # the indeterminate outcome, not a "valid" record whose token may be burnt.
             await self._commit(customer, section, section.prior)
+            if holding_a_cancel():
+                raise asyncio.CancelledError  # not sent because it was asked to stop
             raise _untouched_error(customer, outcome)
         section.sent = True
         self.stats.redemptions += 1

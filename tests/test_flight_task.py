@@ -9,7 +9,7 @@ import pytest
 
 from sfrtr import MemoryStore, RefreshPolicy, TokenManager
 from sfrtr.emulator import Emulator, TokenState
-from sfrtr.flight_task import FlightTask
+from sfrtr.flight_task import FlightTask, holding_a_cancel
 from sfrtr.records import Status
 from tests.conftest import emulator_grant, emulator_oauth
 
@@ -35,12 +35,15 @@ async def test_a_cancel_from_another_task_waits_for_the_section() -> None:
     task = FlightTask(_critical_sleep(0.2, log), loop=asyncio.get_running_loop())
     await asyncio.sleep(0.05)
     assert task.cancel() is True  # requested, held
-    assert task.holds() == 1
+    assert task.cancel() is True
+    assert task.holds() == 2
+    assert task.cancelling() == 0  # not counted while held
     assert not task.done()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert log == ["section done"]  # the section ran to its end, the rest did not run
     assert task.cancelled()
+    assert task.cancelling() == 2  # each delivered once
 
 
 async def test_a_cancel_outside_the_section_is_not_held() -> None:
@@ -90,6 +93,67 @@ async def test_a_task_may_cancel_itself_inside_the_section() -> None:
         await asyncio.wait_for(task, 2.0)
 
 
+async def test_a_section_that_finished_its_work_may_drop_the_held_cancel() -> None:
+    async def section() -> str:
+        task = asyncio.current_task()
+        assert isinstance(task, FlightTask)
+        task.enter_critical()
+        try:
+            await asyncio.sleep(0.1)
+        finally:
+            task.leave_critical(deliver=False)
+        await asyncio.sleep(0)
+        return "the token"
+
+    task = FlightTask(section(), loop=asyncio.get_running_loop())
+    await asyncio.sleep(0.02)
+    task.cancel()
+    assert await task == "the token"
+    assert task.cancelling() == 0
+
+
+async def test_holding_a_cancel_is_seen_from_inside_the_task() -> None:
+    seen: list[bool] = []
+
+    async def section() -> None:
+        task = asyncio.current_task()
+        assert isinstance(task, FlightTask)
+        task.enter_critical()
+        try:
+            seen.append(holding_a_cancel())
+            await asyncio.sleep(0.1)
+            seen.append(holding_a_cancel())
+        finally:
+            task.leave_critical()
+
+    task = FlightTask(section(), loop=asyncio.get_running_loop())
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == [False, True]
+    assert not holding_a_cancel()  # not in a flight task at all
+
+
+def test_a_teardown_tells_the_owner_and_a_cancel_from_a_task_does_not() -> None:
+    told: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        other = FlightTask(_critical_sleep(0.1, []), loop=loop,
+                           on_teardown=lambda: told.append("other"))
+        await asyncio.sleep(0.02)
+        other.cancel()  # from this task: held, but no teardown
+        assert other.holds() == 1
+        await asyncio.wait({other})
+        FlightTask(_critical_sleep(0.2, []), loop=loop,
+                   on_teardown=lambda: told.append("torn down"))
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert told == ["torn down"]
+
+
 def test_a_loop_torn_down_mid_section_finishes_the_section_first() -> None:
     log: list[str] = []
 
@@ -115,10 +179,13 @@ async def test_a_cancelled_flight_still_stores_its_refresh(emulator: Emulator,
     assert isinstance(flight, FlightTask)
     flight.cancel()
     assert flight.holds() == 1
-    with pytest.raises(asyncio.CancelledError):
-        await caller
-    assert flight.cancelled()
+    # The section stored the new token: the cancel had nothing left to stop, and the
+    # caller gets the token rather than a CancelledError it never asked for.
+    new = await asyncio.wait_for(caller, 5.0)
+    assert not flight.cancelled()
+    assert flight.holds() == 0
     stored = (await manager.store.read("acme")).record
+    assert new.access_token == stored.access_token.reveal()
     assert stored.status is Status.VALID
     assert stored.generation == record.generation + 1
     assert emulator.ledger["redemptions"] == 1
