@@ -45,25 +45,27 @@ class FlightTask(asyncio.Task[T]):
     """An :class:`asyncio.Task` whose :meth:`cancel` waits for :meth:`critical` to end
     when it comes from outside (see the module's docstring)."""
 
-    __slots__ = ("_critical", "_held", "_on_teardown")
-
-    def __init__(self, coro: Coroutine[Any, Any, T], *, loop: asyncio.AbstractEventLoop,
-                 on_teardown: Callable[[], None] | None = None) -> None:
-        super().__init__(coro, loop=loop)
-        self._critical = False
-        self._held: list[Any] | None = None  # the messages of the cancels held
-        self._on_teardown = on_teardown
+    # No ``__init__`` of its own: one is made per refresh, and a Python-level
+    # constructor around the C one costs a frame and a keyword call each time.
+    # The slots start unset (read with defaults); ``on_teardown`` is set by
+    # :func:`spawn_flight`.
+    __slots__ = ("_critical", "_held", "on_teardown")
+    _critical: bool
+    _held: list[Any] | None  # the messages of the cancels held
+    on_teardown: Callable[[], None] | None
 
     def cancel(self, msg: Any | None = None) -> bool:
-        if self._critical and not self.done():
+        if getattr(self, "_critical", False) and not self.done():
             loop = self.get_loop()
             tearing_down = not loop.is_running()
             if tearing_down or asyncio.current_task(loop) not in (None, self):
-                if self._held is None:
-                    self._held = []
-                self._held.append(msg)
-                if tearing_down and self._on_teardown is not None:
-                    self._on_teardown()
+                held = getattr(self, "_held", None)
+                if held is None:
+                    held = self._held = []
+                held.append(msg)
+                on_teardown = getattr(self, "on_teardown", None)
+                if tearing_down and on_teardown is not None:
+                    on_teardown()
                 return True  # requested: honoured when the section ends
         return super().cancel(msg)
 
@@ -77,14 +79,26 @@ class FlightTask(asyncio.Task[T]):
         step), or with ``deliver=False`` dropped: the section finished what they
         would have stopped."""
         self._critical = False
-        held, self._held = self._held, None
+        held = getattr(self, "_held", None)
+        self._held = None
         if deliver:
             for msg in held or ():
                 super().cancel(msg)
 
     def holds(self) -> int:
         """How many cancels are held now (for tests and diagnostics)."""
-        return len(self._held or ())
+        return len(getattr(self, "_held", None) or ())
+
+
+def spawn_flight(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T],
+                 on_teardown: Callable[[], None] | None = None) -> FlightTask[T]:
+    """A :class:`FlightTask` running ``coro`` on ``loop``; ``on_teardown`` is called
+    when a cancel is held during a loop's teardown (see the module's docstring).
+    Made directly, not through a task factory the application may have set on the
+    loop: a factory makes tasks of its own class, which would not hold cancels."""
+    task = FlightTask(coro, loop=loop)
+    task.on_teardown = on_teardown
+    return task
 
 
 def holding_a_cancel() -> bool:

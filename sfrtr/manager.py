@@ -57,7 +57,7 @@ from sfrtr.errors import (
     StoreError,
     TokenEndpointUnavailable,
 )
-from sfrtr.flight_task import FlightTask, holding_a_cancel
+from sfrtr.flight_task import FlightTask, holding_a_cancel, spawn_flight
 from sfrtr.hooks import Hooks, Observer
 from sfrtr.oauth.client import LEASE_TOO_SHORT, REDIRECT_REFUSED, OAuthClient
 from sfrtr.oauth.grant import TokenGrant
@@ -267,6 +267,7 @@ class TokenManager:
         self._flights: Singleflight[str, _Entry] = Singleflight(self._spawn_flight)
         self._torn_down = False
         """A loop teardown (without ``aclose()``) has begun: no new section starts."""
+        self._on_teardown = self._tearing_down  # bound once, not per flight
         self._flight_fn = self._flight  # bound once: not one method object per caller
         self._unfinished: dict[str, _Section] = {}
         self._unsent: dict[str, dict[str, tuple[int, TokenRecord]]] = {}
@@ -718,7 +719,7 @@ class TokenManager:
             section = self._unfinished.get(customer)
             own = self._pending_intents(customer, current)
             if section is not None:
-                own.append(section.intent.id)
+                own = (*own, section.intent.id)
             step = protocol.plan(customer, current, stale=stale, now=self._provider_now(),
                                  margin=self.policy.refresh_margin, own_intents=own,
                                  held_back=self._held_back(customer, current))
@@ -794,12 +795,12 @@ class TokenManager:
             self._holds[customer] = hold
         return _monotonic() < hold[1]
 
-    def _pending_intents(self, customer: str, current: Versioned | None) -> list[str]:
+    def _pending_intents(self, customer: str, current: Versioned | None) -> tuple[str, ...]:
         """Ids of our acquires whose answers were lost and that may still show up;
         those whose compare can never hold again are forgotten."""
         pending = self._unsent.get(customer)
         if not pending:
-            return []
+            return ()  # shared: a flight keeps it alive while it waits
         shown = current.record.intent.id if current is not None and \
             current.record.intent is not None else ""
         version = current.version if current is not None else 0
@@ -808,7 +809,7 @@ class TokenManager:
                 del pending[intent_id]
         if not pending:
             del self._unsent[customer]
-        return list(pending)
+        return tuple(pending)
 
     def _grace_left(self, customer: str, step: protocol.Recover,
                     intent: Intent | None) -> float:
@@ -852,10 +853,8 @@ class TokenManager:
 
     def _spawn_flight(self, loop: asyncio.AbstractEventLoop,
                       coro: Coroutine[object, object, _Entry]) -> asyncio.Task[_Entry]:
-        """The task a flight runs in (the singleflight group's spawner). Made directly,
-        not through a task factory the application may have set on the loop: a
-        factory makes tasks of its own class, which would not hold cancels."""
-        return FlightTask(coro, loop=loop, on_teardown=self._tearing_down)
+        """The task a flight runs in (the singleflight group's spawner)."""
+        return spawn_flight(loop, coro, self._on_teardown)
 
     def _tearing_down(self) -> None:
         self._torn_down = True
@@ -976,8 +975,11 @@ class TokenManager:
                       record: TokenRecord) -> Versioned:
         """Write ``record`` at the section's fence (patiently); :class:`_Preempted`
         if the fence was lost. The section is finished once this returns."""
-        committed = await self._durably(
-            lambda: self.store.commit(customer, section.fence, record))
+        try:  # the first try without _durably's closure and frame: the usual case
+            committed = await self.store.commit(customer, section.fence, record)
+        except StoreError as exc:
+            committed = await self._durably(
+                lambda: self.store.commit(customer, section.fence, record), failed=exc)
         if committed is None:
             # A retried commit whose first attempt landed (its answer lost) finds the
             # version moved by its own write: that is this commit, not a takeover, and
@@ -998,19 +1000,24 @@ class TokenManager:
             return None
         return current
 
-    async def _durably(self, write: Callable[[], Awaitable[T]]) -> T:
+    async def _durably(self, write: Callable[[], Awaitable[T]], *,
+                       failed: StoreError | None = None) -> T:
         """Retry a write of the critical section while the store is unreachable.
 
         These writes carry rotated tokens, or release a lock: giving up at the
         first network error would lose a token that exists nowhere else. When
         patience runs out the section stays unfinished and is retried later.
+        ``failed``: the first attempt was made by the caller and failed so.
         """
         deadline = _monotonic() + self.policy.store_patience
         delay = 0.1
         while True:
             try:
+                if failed is not None:
+                    raise failed
                 return await write()
             except StoreError as exc:
+                failed = None
                 if _monotonic() + delay > deadline:
                     log.error("store write failed for %.0fs (%s); kept in memory, retrying "
                               "in the background", self.policy.store_patience, exc)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from typing import Any, Generic, TypeVar, TypeVarTuple, Unpack
+from typing import Any, Generic, TypeVar, TypeVarTuple
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -26,9 +26,12 @@ Ts = TypeVarTuple("Ts")
 
 
 class _Call(Generic[T]):
-    __slots__ = ("callers", "loop", "prune_at", "task", "waiters")
+    __slots__ = ("callers", "group", "key", "loop", "prune_at", "task", "waiters")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, group: Singleflight[Any, T], key: Hashable,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.group = group
+        self.key = key
         self.loop = loop
         self.task: asyncio.Task[T] | None = None
         self.callers = 0
@@ -39,6 +42,11 @@ class _Call(Generic[T]):
 
     def running(self) -> bool:
         return self.task is not None and not self.task.done()
+
+    def finished(self, task: asyncio.Task[T]) -> None:
+        # A bound method as the task's done-callback: one object per call, where a
+        # closure over (group, key, call) was five, all alive for the whole call.
+        self.group._finished(self.key, self, task)
 
 
 #: Makes the task a call runs in: ``spawn(loop, coro)``.
@@ -84,15 +92,18 @@ class Singleflight(Generic[K, T]):
         """
         call = self._calls.get(key)
         if call is None or call.task is None or call.task.done():
-            call = _Call(asyncio.get_running_loop())
+            call = _Call(self, key, asyncio.get_running_loop())
             # Registered before the task exists: nothing the call does can
             # start a second one for the key.
             self._calls[key] = call
-            coro = _run(fn, *args)
+            started = fn(*args)
+            # An ``async def`` gives its coroutine: run as it is (no wrapper frame
+            # for every suspension of the call); any other awaitable is wrapped.
+            coro = started if asyncio.iscoroutine(started) else _run(started)
             task = call.loop.create_task(coro) if self._spawn is None else \
                 self._spawn(call.loop, coro)
             call.task = task
-            task.add_done_callback(lambda t: self._finished(key, call, t))
+            task.add_done_callback(call.finished)
         waiters = call.waiters
         if len(waiters) >= call.prune_at:
             # Callers that gave up leave cancelled futures behind: drop them
@@ -150,5 +161,5 @@ class Singleflight(Generic[K, T]):
                 waiter.set_result(value)
 
 
-async def _run(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: *Ts) -> T:
-    return await fn(*args)
+async def _run(awaitable: Awaitable[T]) -> T:
+    return await awaitable

@@ -9,7 +9,7 @@ import pytest
 
 from sfrtr import MemoryStore, RefreshPolicy, TokenManager
 from sfrtr.emulator import Emulator, TokenState
-from sfrtr.flight_task import FlightTask, holding_a_cancel
+from sfrtr.flight_task import FlightTask, holding_a_cancel, spawn_flight
 from sfrtr.records import Status
 from tests.conftest import emulator_grant, emulator_oauth
 
@@ -140,14 +140,12 @@ def test_a_teardown_tells_the_owner_and_a_cancel_from_a_task_does_not() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        other = FlightTask(_critical_sleep(0.1, []), loop=loop,
-                           on_teardown=lambda: told.append("other"))
+        other = spawn_flight(loop, _critical_sleep(0.1, []), lambda: told.append("other"))
         await asyncio.sleep(0.02)
         other.cancel()  # from this task: held, but no teardown
         assert other.holds() == 1
         await asyncio.wait({other})
-        FlightTask(_critical_sleep(0.2, []), loop=loop,
-                   on_teardown=lambda: told.append("torn down"))
+        spawn_flight(loop, _critical_sleep(0.2, []), lambda: told.append("torn down"))
         await asyncio.sleep(0.05)
 
     asyncio.run(main())
