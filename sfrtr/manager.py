@@ -264,10 +264,7 @@ class TokenManager:
         self._check_timing()
         self.stats = ManagerStats()
         self._cache: dict[str, _Entry] = {}
-        self._flights: Singleflight[str, _Entry] = Singleflight(self._spawn_flight)
-        self._torn_down = False
-        """A loop teardown (without ``aclose()``) has begun: no new section starts."""
-        self._on_teardown = self._tearing_down  # bound once, not per flight
+        self._flights: Singleflight[str, _Entry] = Singleflight(spawn_flight)
         self._flight_fn = self._flight  # bound once: not one method object per caller
         self._unfinished: dict[str, _Section] = {}
         self._unsent: dict[str, dict[str, tuple[int, TokenRecord]]] = {}
@@ -503,7 +500,7 @@ class TokenManager:
         lost (its lock would otherwise stay ours, and every other worker wait on it,
         until this worker happens to need the customer again)."""
         pending = customer in self._unfinished or customer in self._unsent
-        if not pending or customer in self._retries or self._torn_down:
+        if not pending or customer in self._retries:
             return
         loop = _get_running_loop()
         if loop is None:
@@ -851,28 +848,16 @@ class TokenManager:
         await self.store.wait_for_change(
             customer, seen.stamp, remaining if cap is None else min(cap, remaining))
 
-    def _spawn_flight(self, loop: asyncio.AbstractEventLoop,
-                      coro: Coroutine[object, object, _Entry]) -> asyncio.Task[_Entry]:
-        """The task a flight runs in (the singleflight group's spawner)."""
-        return spawn_flight(loop, coro, self._on_teardown)
-
-    def _tearing_down(self) -> None:
-        self._torn_down = True
-
     async def _run_section(self, customer: str, step: protocol.Step,
                            current: Versioned) -> _Entry | None:
         """Run the critical section in the flight's task: from the acquire on, a
         refresh token may get burnt, and nothing may stop the section before its
         outcome is stored. A caller's cancellation never reaches the flight; a
-        cancel of the flight's task from outside (a loop torn down without
-        ``aclose()``) is held until the section ends (:mod:`sfrtr.flight_task`)."""
+        cancel of the flight's task by another task is held until the section
+        ends (:mod:`sfrtr.flight_task`)."""
         task = asyncio.current_task()
         flight = task if isinstance(task, FlightTask) else None
         if flight is not None:
-            if self._torn_down:
-                # Started after a teardown's sweep (by a hook, a retry): nothing would
-                # wait for its section. Nothing is acquired yet.
-                raise asyncio.CancelledError("the event loop is being torn down")
             flight.enter_critical()
         entry = None
         try:
@@ -975,11 +960,13 @@ class TokenManager:
                       record: TokenRecord) -> Versioned:
         """Write ``record`` at the section's fence (patiently); :class:`_Preempted`
         if the fence was lost. The section is finished once this returns."""
+        started = _monotonic()
         try:  # the first try without _durably's closure and frame: the usual case
             committed = await self.store.commit(customer, section.fence, record)
         except StoreError as exc:
             committed = await self._durably(
-                lambda: self.store.commit(customer, section.fence, record), failed=exc)
+                lambda: self.store.commit(customer, section.fence, record),
+                failed=exc, started=started)
         if committed is None:
             # A retried commit whose first attempt landed (its answer lost) finds the
             # version moved by its own write: that is this commit, not a takeover, and
@@ -1001,15 +988,16 @@ class TokenManager:
         return current
 
     async def _durably(self, write: Callable[[], Awaitable[T]], *,
-                       failed: StoreError | None = None) -> T:
+                       failed: StoreError | None = None, started: float | None = None) -> T:
         """Retry a write of the critical section while the store is unreachable.
 
         These writes carry rotated tokens, or release a lock: giving up at the
         first network error would lose a token that exists nowhere else. When
         patience runs out the section stays unfinished and is retried later.
-        ``failed``: the first attempt was made by the caller and failed so.
+        ``failed``: the first attempt was made by the caller, begun at ``started``
+        (patience counts from then), and failed so.
         """
-        deadline = _monotonic() + self.policy.store_patience
+        deadline = (_monotonic() if started is None else started) + self.policy.store_patience
         delay = 0.1
         while True:
             try:
@@ -1117,7 +1105,7 @@ class TokenManager:
         if entry is None or entry.version != committed.version:
             # The store's change callback usually cached this very version already.
             entry = self._cache_put(customer, record, committed.version)
-        if self.policy.learn_expiry:
+        if self.policy.learn_expiry and not holding_a_cancel():  # asked to stop: no request
             await self._learn_expiry(customer, record, committed.version)
         return entry
 

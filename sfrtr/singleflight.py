@@ -91,12 +91,17 @@ class Singleflight(Generic[K, T]):
         its own: the manager's storm path.
         """
         call = self._calls.get(key)
-        if call is None or call.task is None or call.task.done():
+        if call is None or (call.task is not None and call.task.done()):
             call = _Call(self, key, asyncio.get_running_loop())
-            # Registered before the task exists: nothing the call does can
-            # start a second one for the key.
+            # Registered before ``fn`` runs (a plain function runs here, and may
+            # join its own key) and before the task exists: a call being started
+            # (no task yet) is joined, never started twice.
             self._calls[key] = call
-            started = fn(*args)
+            try:
+                started = fn(*args)
+            except BaseException:
+                del self._calls[key]  # nothing runs: the next caller starts afresh
+                raise
             # An ``async def`` gives its coroutine: run as it is (no wrapper frame
             # for every suspension of the call); any other awaitable is wrapped.
             coro = started if asyncio.iscoroutine(started) else _run(started)

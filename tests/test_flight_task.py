@@ -135,33 +135,29 @@ async def test_holding_a_cancel_is_seen_from_inside_the_task() -> None:
     assert not holding_a_cancel()  # not in a flight task at all
 
 
-def test_a_teardown_tells_the_owner_and_a_cancel_from_a_task_does_not() -> None:
-    told: list[str] = []
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        other = spawn_flight(loop, _critical_sleep(0.1, []), lambda: told.append("other"))
-        await asyncio.sleep(0.02)
-        other.cancel()  # from this task: held, but no teardown
-        assert other.holds() == 1
-        await asyncio.wait({other})
-        spawn_flight(loop, _critical_sleep(0.2, []), lambda: told.append("torn down"))
-        await asyncio.sleep(0.05)
-
-    asyncio.run(main())
-    assert told == ["torn down"]
-
-
-def test_a_loop_torn_down_mid_section_finishes_the_section_first() -> None:
+def test_a_loop_torn_down_cuts_the_section_off() -> None:
+    """A teardown's cancel (the loop not running) goes through: holding it was tried
+    and dropped (flights started during the teardown could not be held too; see the
+    module's docstring). ``aclose()`` is what lets sections finish."""
     log: list[str] = []
 
     async def main() -> None:
-        FlightTask(_critical_sleep(0.2, log), loop=asyncio.get_running_loop())
+        spawn_flight(asyncio.get_running_loop(), _critical_sleep(0.2, log))
         await asyncio.sleep(0.05)
         # main returns: asyncio.run cancels every task left, then waits for them
 
     asyncio.run(main())
-    assert log == ["section done"]
+    assert log == []
+
+
+async def test_a_cancel_from_a_loop_callback_goes_through() -> None:
+    log: list[str] = []
+    task = spawn_flight(asyncio.get_running_loop(), _critical_sleep(5.0, log))
+    await asyncio.sleep(0.02)
+    asyncio.get_running_loop().call_soon(task.cancel)  # as a timeout's timer would
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2.0)
+    assert log == []
 
 
 # -- the manager ---------------------------------------------------------------------------
@@ -190,12 +186,14 @@ async def test_a_cancelled_flight_still_stores_its_refresh(emulator: Emulator,
     assert emulator.refresh_token_state(stored.refresh_token.reveal()) is TokenState.LIVE
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known limitation: a loop torn down without aclose() cuts a refresh off mid-request "
+    "(its cancel is not held: sfrtr/flight_task.py); the record is left 'refreshing' "
+    "for recovery. aclose(), or the aiohttp integration's cleanup, lets it finish"))
 async def test_a_loop_torn_down_without_aclose_stores_the_refresh_in_flight(
         emulator: Emulator) -> None:
     """``asyncio.run`` returning while a refresh is on its way (no ``aclose()``): the
-    teardown cancels every task; the flight's section still stores the rotated
-    token before it ends (before, its task was cancelled with the rest and the
-    successor token was lost)."""
+    teardown cancels every task, the flight's included."""
     store = MemoryStore()
     grant = emulator_grant(emulator, "acme")
     emulator.faults.set("token", latency=0.4)

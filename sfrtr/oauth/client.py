@@ -236,14 +236,6 @@ class OAuthClient:
             except asyncio.CancelledError:
                 if deadline.settle():
                     raise TimeoutError("token endpoint did not answer in time") from None
-                if task.cancelling() <= deadline.before:
-                    # Nobody cancelled this task: a task it waited on was (aiohttp
-                    # resolves names and races connections in tasks of their own, and a
-                    # loop torn down cancels those too, while a flight's section holds
-                    # its own cancel). A transport failure, not a cancellation: the
-                    # request may have left, so its outcome is unknown.
-                    raise aiohttp.ClientConnectionError(
-                        "the token request was cut off by a cancelled helper task") from None
                 raise
             finally:
                 deadline.disarm()
