@@ -669,11 +669,21 @@ class TokenManager:
         return self._clock.now()
 
     def _on_store_change(self, customer: str, state: Versioned | None) -> None:
-        """Keep the hot-path cache in step with the store, whoever wrote it."""
+        """Keep the hot-path cache in step with the store, whoever wrote it; and see
+        that an unknown outcome gets settled even if its writer died."""
         if state is None or state.record.status in (Status.REAUTH_REQUIRED, Status.SUSPENDED):
             self._uncache(customer)
         elif state.record.status is Status.VALID:
             self._cache_put(customer, state.record, state.version)
+        elif not state.locked and customer not in self._unsettled and \
+                _get_running_loop() is not None:
+            # An unknown outcome, or a section whose lock died with its writer. The
+            # writer settles its own once the grace has passed, but it may be dead,
+            # and every other worker may still hold a fresh access token, so no caller
+            # would come (invariant 5: settled within a bound after the fault; seed
+            # 190602359). Look once the writer would have settled it, lease included:
+            # a flight that finds it settled only reads it.
+            self._settle_later(customer, self._grace(orphan=True, intent=state.record.intent))
 
     def _cache_put(self, customer: str, record: TokenRecord, version: int) -> _Entry:
         now_mono = _monotonic()
