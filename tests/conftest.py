@@ -79,34 +79,47 @@ TokenHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @pytest.fixture
-async def token_endpoint() -> AsyncIterator[Callable[..., Awaitable[OAuthClient]]]:
+async def serve_app() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    """``await serve_app(app)``: ``app`` served on a loopback port; its base URL
+    (``http://127.0.0.1:PORT``). Cleaned up after the test."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> str:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def token_endpoint(serve_app: Callable[[web.Application], Awaitable[str]]
+                         ) -> AsyncIterator[Callable[..., Awaitable[OAuthClient]]]:
     """``await token_endpoint(handler, **config)``: a token endpoint served by
     ``handler`` on a loopback port, and an OAuth client for it (short timeouts unless
     ``config`` says otherwise); closed after the test."""
-    runners: list[web.AppRunner] = []
     clients: list[OAuthClient] = []
 
     async def start(handler: TokenHandler, **options: Any) -> OAuthClient:
         app = web.Application()
         app.router.add_post("/services/oauth2/token", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        url = await serve_app(app)
         settings: dict[str, Any] = {"timeout": 2.0, "connect_timeout": 0.5,
                                     "head_grace": 0.2, "answer_grace": 0.4, **options}
         client = OAuthClient(OAuthConfig(client_id="c", client_secret=Secret("s"),
-                                         login_url=f"http://127.0.0.1:{port}", **settings))
+                                         login_url=url, **settings))
         clients.append(client)
         return client
 
     yield start
     for client in clients:
         await client.aclose()
-    for runner in runners:
-        await runner.cleanup()
 
 
 @pytest.fixture

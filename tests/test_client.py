@@ -239,7 +239,8 @@ async def test_bad_bodies_and_redirects_are_clear_errors(emulator: Emulator, man
         await runner.cleanup()
 
 
-async def test_an_answer_cut_off_mid_body_is_a_transport_fault(emulator: Emulator, manager):
+async def test_an_answer_cut_off_mid_body_is_a_transport_fault(emulator: Emulator, manager,
+                                                                serve_app):
     """The connection drops after the head and part of the body: a read is retried like
     any transport fault, a write is not (it may have been done) and says so with
     :class:`ServerUnavailable`, never a raw aiohttp exception."""
@@ -263,21 +264,13 @@ async def test_an_answer_cut_off_mid_body_is_a_transport_fault(emulator: Emulato
     app = web.Application()
     app.router.add_get("/services/data/v67.0/query", cut_once)
     app.router.add_post("/services/data/v67.0/sobjects/Account", cut_once)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     record = await manager.connect("cutco", emulator_grant(emulator, "cutco"))
-    await manager.store.put("cutco", record.replace(instance_url=f"http://127.0.0.1:{port}"))
+    await manager.store.put("cutco", record.replace(instance_url=await serve_app(app)))
     client = Client("cutco", manager, retry=RetryPolicy(base=0.01))
-    try:
-        page = await client.query("SELECT Id FROM Account")
-        assert (page.total_size, page.done) == (0, True)
-        assert calls == ["GET", "GET"]  # cut once, retried once
-        with pytest.raises(ServerUnavailable) as info:
-            await client.create("Account", {"Name": "x"})
-        assert info.value.error_code == "CONNECTION_ERROR"
-        assert calls == ["GET", "GET", "POST"]  # a write is never sent twice
-    finally:
-        await runner.cleanup()
+    page = await client.query("SELECT Id FROM Account")
+    assert (page.total_size, page.done) == (0, True)
+    assert calls == ["GET", "GET"]  # cut once, retried once
+    with pytest.raises(ServerUnavailable) as info:
+        await client.create("Account", {"Name": "x"})
+    assert info.value.error_code == "CONNECTION_ERROR"
+    assert calls == ["GET", "GET", "POST"]  # a write is never sent twice
