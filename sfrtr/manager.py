@@ -675,14 +675,15 @@ class TokenManager:
             self._uncache(customer)
         elif state.record.status is Status.VALID:
             self._cache_put(customer, state.record, state.version)
-        elif not state.locked and customer not in self._unsettled and \
-                _get_running_loop() is not None:
-            # An unknown outcome, or a section whose lock died with its writer. The
-            # writer settles its own once the grace has passed, but it may be dead,
-            # and every other worker may still hold a fresh access token, so no caller
-            # would come (invariant 5: settled within a bound after the fault; seed
-            # 190602359). Look once the writer would have settled it, lease included:
-            # a flight that finds it settled only reads it.
+        elif state.record.status is Status.INDETERMINATE and \
+                customer not in self._unsettled and _get_running_loop() is not None:
+            # An unknown outcome. Its writer settles it once the grace has passed, but
+            # it may be dead, and every other worker may still hold a fresh access
+            # token, so no caller would come (invariant 5: settled within a bound after
+            # the fault; seed 190602359). Look once the writer would have settled it,
+            # lease included: a flight that finds it settled only reads it. (Whether
+            # the lock is still shown does not matter: a mirror may show the commit's
+            # record before the lock's deletion, or never notify the deletion alone.)
             self._settle_later(customer, self._grace(orphan=True, intent=state.record.intent))
 
     def _cache_put(self, customer: str, record: TokenRecord, version: int) -> _Entry:
