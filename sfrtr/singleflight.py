@@ -99,8 +99,13 @@ class Singleflight(Generic[K, T]):
             self._calls[key] = call
             try:
                 started = fn(*args)
-            except BaseException:
+            except BaseException as exc:
                 del self._calls[key]  # nothing runs: the next caller starts afresh
+                for joined in call.waiters:  # joined from inside fn: told, not left waiting
+                    if isinstance(exc, Exception):
+                        joined.set_exception(exc)
+                    else:
+                        joined.cancel()
                 raise
             # An ``async def`` gives its coroutine: run as it is (no wrapper frame
             # for every suspension of the call); any other awaitable is wrapped.

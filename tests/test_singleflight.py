@@ -7,6 +7,7 @@ import functools
 import gc
 import types
 import weakref
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -471,3 +472,24 @@ async def test_a_storm_leaves_no_garbage_cycles():
         gc.garbage.clear()
         gc.enable()
     assert ours == []
+
+
+async def test_a_plain_function_that_joins_its_own_key_then_raises_leaves_nobody_waiting():
+    group: Singleflight[str, int] = Singleflight()
+    inner: list[asyncio.Future[int]] = []
+
+    def start() -> Awaitable[int]:
+        inner.append(group.join("k", start))  # joins the call being started
+        raise ValueError("no awaitable after all")
+
+    with pytest.raises(ValueError, match="no awaitable"):
+        group.join("k", start)
+    assert inner[0].done()
+    with pytest.raises(ValueError, match="no awaitable"):
+        inner[0].result()
+    assert not group.in_flight("k")
+    assert await group.join("k", _seven) == 7  # the next call starts afresh
+
+
+async def _seven() -> int:
+    return 7
