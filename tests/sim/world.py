@@ -100,6 +100,10 @@ class World:
         self.found = Findings()
         self.customers = customer_names(self.cfg.customers)
         self.connected: dict[str, bool] = dict.fromkeys(self.customers, False)
+        self.removals: dict[str, int] = dict.fromkeys(self.customers, 0)
+        """How many times the operator removed the customer's grant (disconnect,
+        clear): a connect that began before the latest removal does not make the
+        customer connected again (its put may land before the removal's delete)."""
         self.latest_family: dict[str, int] = {}
         """customer -> family id of its last successful connect."""
         self.last_connect: dict[str, Connected] = {}
@@ -492,6 +496,7 @@ class World:
             await self._connect(w, c)
 
     async def _connect(self, w: Worker, customer: str) -> None:
+        removals = self.removals[customer]
         try:
             grant = await w.oauth.exchange_code(customer, redirect_uri="https://app.example/cb",
                                                 code_verifier="v" * 43)
@@ -500,6 +505,9 @@ class World:
             await w.manager.connect(customer, grant)
         except SfrtrError as exc:
             self.trace(w.name, f"connect {customer} failed: {type(exc).__name__}")
+            return
+        if self.removals[customer] != removals:
+            self.trace(w.name, f"connect {customer} overtaken by a removal")
             return
         self.connected[customer] = True
         if family is not None:
@@ -672,6 +680,7 @@ class World:
 
     async def _disconnect_reconnect(self, w: Worker, customer: str) -> None:
         self.connected[customer] = False
+        self.removals[customer] += 1
         try:
             await w.manager.disconnect(customer)
         except SfrtrError as exc:
@@ -695,6 +704,7 @@ class World:
         self.trace(w.name, f"clear {customer}: {cleared}")
         if cleared is not None:
             self.connected[customer] = False
+            self.removals[customer] += 1
             await asyncio.sleep(2.0)  # the operator's re-authorization link, clicked
             await self._connect(w, customer)
 
