@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -16,15 +19,22 @@ from tests.conftest import emulator_grant, emulator_oauth
 # -- the task on its own ----------------------------------------------------------------
 
 
-async def _critical_sleep(seconds: float, log: list[str]) -> str:
+@contextlib.contextmanager
+def _critical(*, deliver: bool = True) -> Iterator[FlightTask[Any]]:
+    """The running flight task's critical section, as the manager runs one."""
     task = asyncio.current_task()
     assert isinstance(task, FlightTask)
     task.enter_critical()
     try:
+        yield task
+    finally:
+        task.leave_critical(deliver=deliver)
+
+
+async def _critical_sleep(seconds: float, log: list[str]) -> str:
+    with _critical():
         await asyncio.sleep(seconds)
         log.append("section done")
-    finally:
-        task.leave_critical()
     await asyncio.sleep(0)  # the held cancel lands here
     log.append("after the section")
     return "finished"
@@ -61,16 +71,12 @@ async def test_a_cancel_outside_the_section_is_not_held() -> None:
 async def test_a_timeout_inside_the_section_still_ends_what_it_bounds() -> None:
     # Timeouts cancel the task from the loop's own callbacks: they go through.
     async def bounded() -> str:
-        task = asyncio.current_task()
-        assert isinstance(task, FlightTask)
-        task.enter_critical()
-        try:
-            async with asyncio.timeout(0.05):
-                await asyncio.sleep(5)
-        except TimeoutError:
-            return "timed out"
-        finally:
-            task.leave_critical()
+        with _critical():
+            try:
+                async with asyncio.timeout(0.05):
+                    await asyncio.sleep(5)
+            except TimeoutError:
+                return "timed out"
         return "not timed out"
 
     task = FlightTask(bounded(), loop=asyncio.get_running_loop())
@@ -79,14 +85,9 @@ async def test_a_timeout_inside_the_section_still_ends_what_it_bounds() -> None:
 
 async def test_a_task_may_cancel_itself_inside_the_section() -> None:
     async def itself() -> None:
-        task = asyncio.current_task()
-        assert isinstance(task, FlightTask)
-        task.enter_critical()
-        try:
+        with _critical() as task:
             task.cancel()
             await asyncio.sleep(5)
-        finally:
-            task.leave_critical()
 
     task = FlightTask(itself(), loop=asyncio.get_running_loop())
     with pytest.raises(asyncio.CancelledError):
@@ -95,13 +96,8 @@ async def test_a_task_may_cancel_itself_inside_the_section() -> None:
 
 async def test_a_section_that_finished_its_work_may_drop_the_held_cancel() -> None:
     async def section() -> str:
-        task = asyncio.current_task()
-        assert isinstance(task, FlightTask)
-        task.enter_critical()
-        try:
+        with _critical(deliver=False):
             await asyncio.sleep(0.1)
-        finally:
-            task.leave_critical(deliver=False)
         await asyncio.sleep(0)
         return "the token"
 
@@ -116,15 +112,10 @@ async def test_holding_a_cancel_is_seen_from_inside_the_task() -> None:
     seen: list[bool] = []
 
     async def section() -> None:
-        task = asyncio.current_task()
-        assert isinstance(task, FlightTask)
-        task.enter_critical()
-        try:
+        with _critical():
             seen.append(holding_a_cancel())
             await asyncio.sleep(0.1)
             seen.append(holding_a_cancel())
-        finally:
-            task.leave_critical()
 
     task = FlightTask(section(), loop=asyncio.get_running_loop())
     await asyncio.sleep(0.02)
