@@ -1010,20 +1010,21 @@ class TokenManager:
         """
         deadline = (_monotonic() if started is None else started) + self.policy.store_patience
         delay = 0.1
+        error = failed
         while True:
-            try:
-                if failed is not None:
-                    raise failed
-                return await write()
-            except StoreError as exc:
-                failed = None
-                if _monotonic() + delay > deadline:
-                    log.error("store write failed for %.0fs (%s); kept in memory, retrying "
-                              "in the background", self.policy.store_patience, exc)
-                    raise
-                log.warning("store write failed (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            if error is None:
+                try:
+                    return await write()
+                except StoreError as exc:
+                    error = exc
+            if _monotonic() + delay > deadline:
+                log.error("store write failed for %.0fs (%s); kept in memory, retrying "
+                          "in the background", self.policy.store_patience, error)
+                raise error
+            log.warning("store write failed (%s); retrying in %.1fs", error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            error = None
 
     async def _redeem(self, customer: str, section: _Section, *, retry: bool = False,
                       window_end: float | None = None) -> _Entry | None:

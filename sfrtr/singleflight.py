@@ -63,7 +63,7 @@ class Singleflight(Generic[K, T]):
 
     def __init__(self, spawn: Spawn[T] | None = None) -> None:
         self._calls: dict[K, _Call[T]] = {}
-        self._spawn = spawn
+        self._spawn: Spawn[T] = spawn or _create_task
 
     async def do(self, key: K, fn: Callable[[*Ts], Awaitable[T]],
                  *args: *Ts) -> tuple[T, bool]:
@@ -110,8 +110,7 @@ class Singleflight(Generic[K, T]):
             # An ``async def`` gives its coroutine: run as it is (no wrapper frame
             # for every suspension of the call); any other awaitable is wrapped.
             coro = started if asyncio.iscoroutine(started) else _run(started)
-            task = call.loop.create_task(coro) if self._spawn is None else \
-                self._spawn(call.loop, coro)
+            task = self._spawn(call.loop, coro)
             call.task = task
             task.add_done_callback(call.finished)
         waiters = call.waiters
@@ -169,6 +168,10 @@ class Singleflight(Generic[K, T]):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(value)
+
+
+def _create_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    return loop.create_task(coro)
 
 
 async def _run(awaitable: Awaitable[T]) -> T:
