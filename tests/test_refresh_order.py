@@ -146,9 +146,14 @@ async def test_a_process_behind_an_idle_holder_refreshes_after_the_handoff(
         holder, other = managers
         await holder.connect("acme", emulator_grant(emulator, "acme"))
         await other.token("acme")
-        await holder.refresh("acme", stale=await holder.token("acme"))
+        refreshed = await holder.refresh("acme", stale=await holder.token("acme"))
+        # Both of the holder's events must have reached the other process: the acquire's
+        # lock (the order) and the commit's record (its cache). The lock's alone, on a
+        # loaded machine, left the other serving the token the holder had just replaced,
+        # so its "401" below was for an old token and adopted the new one at once.
         async with asyncio.timeout(10):
-            while other.store.refresh_order("acme") != (1, 2, True):  # type: ignore[attr-defined]  # noqa: ASYNC110
+            while other.store.refresh_order("acme") != (1, 2, True) or \
+                    await other.token("acme") != refreshed.access_token:  # type: ignore[attr-defined]  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         stale = await other.token("acme")
         started = time.monotonic()
