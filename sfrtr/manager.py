@@ -674,7 +674,12 @@ class TokenManager:
         if state is None or state.record.status in (Status.REAUTH_REQUIRED, Status.SUSPENDED):
             self._uncache(customer)
         elif state.record.status is Status.VALID:
-            self._cache_put(customer, state.record, state.version)
+            current = self._cache.get(customer)
+            # A mirror may tell one write twice (a Txn's record and lock events, a
+            # reload): the entry of that version stays, with its timer, its place in
+            # line and any expiry learned since.
+            if current is None or current.version < state.version:
+                self._cache_put(customer, state.record, state.version)
         elif state.record.status is Status.INDETERMINATE and \
                 customer not in self._unsettled and _get_running_loop() is not None:
             # An unknown outcome. Its writer settles it once the grace has passed, but

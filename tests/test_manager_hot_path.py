@@ -15,6 +15,7 @@ from sfrtr import (
     RefreshPolicy,
     Secret,
     TokenManager,
+    TokenRecord,
     Versioned,
 )
 from sfrtr import manager as manager_module
@@ -279,3 +280,26 @@ async def test_async_with_closes_the_manager(emulator: Emulator):
         session = manager.oauth.session
     assert session.closed
     assert entry.timer is None  # the loop holds nothing of a closed manager
+
+
+async def test_a_write_told_twice_keeps_the_cached_entry():
+    """A mirror may notify one write twice (a Txn's record and lock events): the
+    cached entry of that version stays (its timer, its place in line, a learned
+    expiry), not replaced by a copy."""
+    manager = TokenManager(OAuthClient(OAuthConfig(client_id="c", client_secret=Secret("s"))),
+                           MemoryStore())
+    try:
+        record = TokenRecord(access_token=Secret("at-1"), refresh_token=Secret("rt-1"),
+                             instance_url="https://x.my.salesforce.com", issued_at=1.0,
+                             expires_at=time.time() + 3600)
+        state = await manager.store.put("acme", record)
+        entry = manager._cache["acme"]
+        entry.staggered = True
+        manager._on_store_change("acme", state)
+        assert manager._cache["acme"] is entry
+        newer = await manager.store.put("acme", record.replace(access_token=Secret("at-2")))
+        assert newer.version > state.version
+        assert manager._cache["acme"] is not entry
+        assert manager._cache["acme"].token == "at-2"
+    finally:
+        await manager.aclose()
